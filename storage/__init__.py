@@ -1,0 +1,1 @@
+"""Storage URLs, Optuna RDB storage settings, pipeline tables and the artifact store."""
