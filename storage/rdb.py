@@ -1,0 +1,327 @@
+"""Optuna RDB storage on PostgreSQL or SQLite with heartbeats, retries and a schema lock."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import optuna
+import sqlalchemy
+import sqlalchemy.exc
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+
+from storage.locks import schema_lock, sqlite_database_path
+from storage.pipeline import metadata as jethpo_metadata
+from storage.urls import STORAGE_ENV_VAR, StorageError, describe_database_error, mask_password
+from storage.urls import parse_storage_url
+
+try:
+    from optuna.storages import RetryHeartbeatStaleTrialCallback as _RetryCallback
+
+    _STALE_CALLBACK_ARGUMENT = "heartbeat_stale_trial_callback"
+except ImportError:
+    # Optuna before 4.9 names the same callback and argument after "failed trials"
+    from optuna.storages import RetryFailedTrialCallback as _RetryCallback
+
+    _STALE_CALLBACK_ARGUMENT = "failed_trial_callback"
+
+__all__ = ["open_storage", "record_heartbeats"]
+
+logger = logging.getLogger(__name__)
+
+_ALEMBIC_VERSION_TABLE = "alembic_version"
+"""Table that Optuna stamps last when it creates its schema."""
+
+
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = 60,
+    grace_period: int | None = None,
+    failed_trial_max_retry: int | None = 3,
+    pool_size: int = 2,
+    max_overflow: int = 2,
+    connect_timeout: int = 10,
+    sqlite_busy_timeout: float = 60.0,
+) -> optuna.storages.RDBStorage:
+    """Open the Optuna storage at ``url``, creating Optuna's and jethpo's tables if missing.
+
+    Each process gets a small connection pool with ``pool_pre_ping`` on, so connections
+    that the server dropped are replaced before use. When the schema is incomplete, a
+    lock shared by all jethpo processes (``storage.locks.schema_lock``) serialises its
+    creation, so many workers can start at once on an empty database. A complete schema
+    is opened without the lock.
+
+    A trial whose heartbeat is older than ``grace_period`` is marked FAIL by
+    ``optuna.storages.fail_stale_trials``, and the retry callback then adds a WAITING
+    copy with the same parameters. ``Study.optimize`` records heartbeats and calls
+    ``fail_stale_trials`` before each trial. Code that uses ``ask`` and ``tell`` has to
+    call ``fail_stale_trials`` before ``ask`` and wrap each trial in
+    :func:`record_heartbeats`.
+
+    On SQLite the database is switched to WAL journal mode, which lets readers such as
+    optuna-dashboard run alongside one writer, and every connection waits up to
+    ``sqlite_busy_timeout`` seconds for the write lock instead of failing with
+    "database is locked". WAL mode is stored in the database file, and the busy timeout
+    is a connect argument, so both survive pickling the storage to another process.
+
+    Args:
+        url: SQLAlchemy URL, ``postgresql://...`` or ``sqlite:///...``.
+        heartbeat_interval: Seconds between heartbeats of a running trial, or ``None``
+            to turn heartbeats off.
+        grace_period: Seconds without a heartbeat after which a running trial is stale.
+            ``None`` means twice ``heartbeat_interval`` (Optuna's default).
+        failed_trial_max_retry: How many times a stale trial is re-queued, or ``None``
+            for no limit. Unused when heartbeats are off.
+        pool_size: Connections kept open per process.
+        max_overflow: Extra connections a process may open at peak load.
+        connect_timeout: PostgreSQL connection timeout in seconds.
+        sqlite_busy_timeout: SQLite wait for a lock in seconds.
+
+    Returns:
+        The storage. Its ``engine`` attribute is the SQLAlchemy engine for
+        ``storage.pipeline``.
+
+    Raises:
+        StorageError: The URL is invalid, the database cannot be reached or opened, or
+            its schema was written by an incompatible Optuna version.
+    """
+    parsed = parse_storage_url(url)
+    masked = mask_password(url)
+    url = parsed.render_as_string(hide_password=False)
+    engine_kwargs = _engine_kwargs(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        connect_timeout=connect_timeout,
+        sqlite_busy_timeout=sqlite_busy_timeout,
+    )
+    if parsed.get_backend_name() == "sqlite":
+        _check_sqlite_folder(parsed, masked)
+
+    storage_kwargs: dict[str, Any] = {
+        "engine_kwargs": engine_kwargs,
+        "heartbeat_interval": heartbeat_interval,
+        "grace_period": grace_period,
+    }
+    if heartbeat_interval is not None:
+        storage_kwargs[_STALE_CALLBACK_ARGUMENT] = _retry_callback(failed_trial_max_retry)
+
+    probe: sqlalchemy.Engine | None = None
+    try:
+        # NullPool: the probe and lock connections close at once instead of idling in a pool
+        probe = sqlalchemy.create_engine(
+            url, poolclass=NullPool, connect_args=engine_kwargs["connect_args"]
+        )
+        storage: optuna.storages.RDBStorage | None = None
+        if not _schema_is_ready(probe):
+            with schema_lock(probe):
+                # another process may have finished the schema while this one waited
+                if not _schema_is_ready(probe):
+                    if probe.dialect.name == "sqlite":
+                        _enable_wal(probe)
+                    storage = _create_rdb_storage(
+                        url, skip_table_creation=False, **storage_kwargs
+                    )
+                    jethpo_metadata.create_all(storage.engine, checkfirst=True)
+                    logger.info("Created the storage schema in %s", masked)
+        if storage is None:
+            storage = _create_rdb_storage(url, skip_table_creation=True, **storage_kwargs)
+        _check_schema_version(storage, masked)
+    except (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError) as error:
+        # Optuna wraps SQLAlchemy errors in StorageInternalError, whose cause has the driver's text
+        reason = describe_database_error(error.__cause__ or error, parsed.password)
+        if parsed.get_backend_name() == "sqlite":
+            action = "Check that the file is a SQLite database and that its folder is writable"
+        else:
+            action = (
+                "Check that PostgreSQL is running and reachable, that the database exists "
+                "and that the user name and password are right"
+            )
+        raise StorageError(
+            f"Failed to open storage {masked!r}: {reason}. {action}, or pass another URL "
+            f"with --storage or {STORAGE_ENV_VAR}."
+        ) from None
+    except ImportError as error:
+        raise StorageError(
+            f"Failed to open storage {masked!r}: the database driver is not installed "
+            f"({error}). Leave the driver out of the URL to use psycopg2 for PostgreSQL."
+        ) from None
+    finally:
+        if probe is not None:
+            probe.dispose()
+
+    if heartbeat_interval is None:
+        logger.info("Opened storage %s with heartbeats off", masked)
+    else:
+        logger.info(
+            "Opened storage %s (heartbeat interval %d s, grace period %d s, max retry %s)",
+            masked,
+            heartbeat_interval,
+            grace_period if grace_period is not None else 2 * heartbeat_interval,
+            failed_trial_max_retry,
+        )
+    return storage
+
+
+def _create_rdb_storage(url: str, **kwargs: Any) -> optuna.storages.RDBStorage:
+    # RDBStorage runs str.format on the URL to fill {SCHEMA_VERSION}, so doubled braces
+    # keep a password that contains "{" or "}" intact
+    template = url.replace("{", "{{").replace("}", "}}")
+    with warnings.catch_warnings():
+        # Optuna marks heartbeats experimental, and jethpo relies on them anyway
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(template, skip_compatibility_check=True, **kwargs)
+
+
+def _check_schema_version(storage: optuna.storages.RDBStorage, masked: str) -> None:
+    # the same check as RDBStorage's own, with a one-line message that masks the password
+    current = storage.get_current_version()
+    head = storage.get_head_version()
+    if current == head:
+        return
+
+    if current in storage.get_all_versions():
+        action = "Upgrade the schema with 'optuna storage upgrade --storage URL'"
+    else:
+        action = "Upgrade Optuna, because the schema was written by a newer version"
+    storage.engine.dispose()
+    raise StorageError(
+        f"Failed to open storage {masked!r}: its Optuna schema revision is {current!r} but "
+        f"Optuna {optuna.__version__} expects {head!r}. {action}, then retry."
+    )
+
+
+def _retry_callback(max_retry: int | None) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _RetryCallback(max_retry=max_retry)
+
+
+def _engine_kwargs(
+    url: URL,
+    *,
+    pool_size: int,
+    max_overflow: int,
+    connect_timeout: int,
+    sqlite_busy_timeout: float,
+) -> dict[str, Any]:
+    if url.get_backend_name() == "postgresql":
+        return {
+            "pool_size": pool_size,
+            "max_overflow": max_overflow,
+            "pool_pre_ping": True,
+            "connect_args": {"connect_timeout": connect_timeout, "application_name": "jethpo"},
+        }
+
+    # sqlite3's timeout sets the connection's busy timeout (PRAGMA busy_timeout)
+    kwargs: dict[str, Any] = {
+        "pool_pre_ping": True,
+        "connect_args": {"timeout": sqlite_busy_timeout},
+    }
+    # an in-memory database uses SingletonThreadPool, which has no overflow
+    if sqlite_database_path(url) is not None:
+        kwargs["pool_size"] = pool_size
+        kwargs["max_overflow"] = max_overflow
+    return kwargs
+
+
+def _check_sqlite_folder(url: URL, masked: str) -> None:
+    path = sqlite_database_path(url)
+    if path is not None and not path.parent.is_dir():
+        raise StorageError(
+            f"Failed to open storage {masked!r}: folder {str(path.parent)!r} does not exist. "
+            f"Create it, or pass another URL with --storage or {STORAGE_ENV_VAR}."
+        )
+
+
+def _schema_is_ready(engine: sqlalchemy.Engine) -> bool:
+    with engine.connect() as connection:
+        inspector = sqlalchemy.inspect(connection)
+        required = [_ALEMBIC_VERSION_TABLE, *jethpo_metadata.tables]
+        if not all(inspector.has_table(name) for name in required):
+            return False
+
+        stamped = connection.execute(
+            sqlalchemy.text(f"SELECT COUNT(*) FROM {_ALEMBIC_VERSION_TABLE}")
+        ).scalar_one()
+        if stamped == 0:
+            return False
+
+        if connection.dialect.name == "sqlite" and sqlite_database_path(engine.url) is not None:
+            journal_mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar_one()
+            return str(journal_mode).lower() == "wal"
+        return True
+
+
+def _enable_wal(engine: sqlalchemy.Engine) -> None:
+    if sqlite_database_path(engine.url) is None:
+        return
+    with engine.connect() as connection:
+        mode = connection.exec_driver_sql("PRAGMA journal_mode=WAL").scalar_one()
+    if str(mode).lower() != "wal":
+        logger.warning(
+            "SQLite storage %s stays in %s journal mode because WAL could not be enabled "
+            "(WAL needs a local file system); concurrent workers may hit 'database is locked'",
+            engine.url,
+            mode,
+        )
+
+
+@contextmanager
+def record_heartbeats(storage: optuna.storages.RDBStorage, trial_id: int) -> Iterator[None]:
+    """Record a trial's heartbeat at once and then every heartbeat interval until the block ends.
+
+    ``Study.optimize`` does this itself. Use this context manager around a trial created
+    with ``Study.ask``, so that the trial is marked FAIL and retried if the process dies
+    before ``Study.tell``. Does nothing when the storage has heartbeats turned off.
+
+    Args:
+        storage: Storage returned by :func:`open_storage`.
+        trial_id: Storage id of the trial, ``trial._trial_id`` (not ``trial.number``).
+    """
+    interval = storage.get_heartbeat_interval()
+    if interval is None:
+        yield
+        return
+
+    storage.record_heartbeat(trial_id)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=_beat,
+        args=(storage, trial_id, interval, stop),
+        name=f"jethpo-heartbeat-{trial_id}",
+        daemon=True,
+    )
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _beat(
+    storage: optuna.storages.RDBStorage, trial_id: int, interval: int, stop: threading.Event
+) -> None:
+    failures = 0
+    while not stop.wait(interval):
+        try:
+            storage.record_heartbeat(trial_id)
+            failures = 0
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as error:
+            # a missed beat is harmless until the grace period has passed, so only the
+            # first failure in a row and every tenth one after it are logged
+            failures += 1
+            if failures % 10 == 1:
+                logger.warning(
+                    "Failed to record the heartbeat of trial id %d (%d failures in a row): %s",
+                    trial_id,
+                    failures,
+                    describe_database_error(error.__cause__ or error),
+                )
