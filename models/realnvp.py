@@ -299,6 +299,11 @@ class RealNVP(nn.Module):
         self.transform = FlowStack([AffineCoupling(mask, hidden_sizes) for mask in masks])
         self.base = StandardNormal(dim)
 
+    @property
+    def hyperparameters(self) -> dict:
+        """Constructor arguments, enough to rebuild the flow as ``RealNVP(**hyperparameters)``."""
+        return {"dim": self.dim, "n_flows": self.n_flows, "hidden_sizes": list(self.hidden_sizes)}
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Map data to latent space.
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: throwaway PostgreSQL databases on the local test server.
+"""Shared fixtures: Pythia 8 jets made once per session, and throwaway PostgreSQL databases
+on the local test server.
 
 The admin URL is ``postgresql://postgres@127.0.0.1:5432/postgres`` unless the environment
 variable ``JETHPO_TEST_POSTGRES`` names another one. When the server cannot be reached,
@@ -100,3 +101,19 @@ def postgres_url(postgres_admin_url: URL) -> Iterator[str]:
 def fresh_postgres_url(postgres_admin_url: URL) -> Iterator[str]:
     """URL of an empty database of its own for one test, dropped after the test."""
     yield from _throwaway_database(postgres_admin_url)
+
+
+#: Jets made once per test session by ``pythia_jets``: enough for a 70/15/15 split with
+#: a few hundred training jets, small enough to simulate in well under a minute.
+PYTHIA_TEST_JETS = 600
+
+
+@pytest.fixture(scope="session")
+def pythia_jets(tmp_path_factory: pytest.TempPathFactory):
+    """Real gluon jets from ``jethpo data generate``'s code, read back with ``read_jets``."""
+    from models.data import read_jets
+    from models.generate import generate_jets
+
+    out_dir = tmp_path_factory.mktemp("pythia")
+    path = generate_jets(PYTHIA_TEST_JETS, out_dir, seed=11, workers=2, chunk_size=300)
+    return read_jets(path)
