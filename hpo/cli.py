@@ -1,14 +1,32 @@
-"""The ``jethpo`` command line."""
+"""The ``jethpo`` command line.
+
+Commands that read or write studies take ``--storage URL``, else ``JETHPO_STORAGE``, else the
+SQLite file ``jethpo.db`` in the data directory (``--data-dir``, else ``JETHPO_DATA_DIR``,
+else ``./jethpo-data``). Results go to stdout, and ``--json`` makes that exactly one JSON
+document. Logs and errors go to stderr. Invalid input and unreachable databases end the
+command with one ``Error:`` line on stderr and exit code 1.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import typer
 
 from hpo import __version__
+
+if TYPE_CHECKING:
+    import optuna
+
+logger = logging.getLogger(__name__)
 
 app = typer.Typer(
     name="jethpo",
@@ -18,6 +36,39 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Make or inspect jet data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+spaces_app = typer.Typer(help="List, show, validate and add search spaces.", no_args_is_help=True)
+app.add_typer(spaces_app, name="spaces")
+
+DATA_DIR_ENV_VAR = "JETHPO_DATA_DIR"
+DEFAULT_DATA_DIR = Path("jethpo-data")
+
+StorageOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--storage",
+        help=(
+            "Storage URL, such as postgresql://user:password@host:5432/jethpo or "
+            "sqlite:////path/to/jethpo.db. Defaults to $JETHPO_STORAGE, else the SQLite file "
+            "jethpo.db in the data directory."
+        ),
+        show_default=False,
+    ),
+]
+DataDirOption = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir",
+        envvar=DATA_DIR_ENV_VAR,
+        help=(
+            "Data directory that contains the default SQLite storage jethpo.db. It is created "
+            "when that default is used."
+        ),
+    ),
+]
+JsonOption = Annotated[
+    bool,
+    typer.Option("--json", help="Print one JSON document on stdout instead of a table."),
+]
 
 
 def _version_callback(value: bool) -> None:
@@ -75,6 +126,442 @@ def data_generate(
         typer.echo("Interrupted. Run the same command again to resume from the finished chunks.", err=True)
         raise typer.Exit(130) from None
     typer.echo(str(path))
+
+
+# shared helpers of the study commands
+
+
+@contextmanager
+def _exit_on_user_errors(storage_url: str | None = None) -> Iterator[None]:
+    """Turn the errors of invalid input and unusable databases into one stderr line and exit 1.
+
+    Args:
+        storage_url: URL of the storage, whose password is removed from database errors.
+    """
+    # Imported here because optuna, SQLAlchemy and the search space code take about a second
+    # to load, which `jethpo data generate` and `--help` would pay too.
+    import optuna
+    import sqlalchemy.exc
+
+    from hpo.spaces import ConfigError
+    from hpo.studies import StudyError
+    from storage.urls import StorageError, describe_database_error, mask_password, parse_storage_url
+
+    try:
+        yield
+    except (StorageError, ConfigError, StudyError, OSError) as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as error:
+        try:
+            password = parse_storage_url(storage_url).password if storage_url else None
+        except StorageError:
+            password = None
+        reason = describe_database_error(error.__cause__ or error, password)
+        where = mask_password(storage_url) if storage_url else "the storage"
+        typer.echo(f"Error: database request to {where} failed: {reason}. Check the database and retry.", err=True)
+        raise typer.Exit(1) from None
+
+
+def _storage_url(storage_url: str | None, data_dir: Path) -> str:
+    """Return ``--storage``, else ``JETHPO_STORAGE``, else the SQLite file in the data directory."""
+    from storage import resolve_storage_url
+
+    try:
+        return resolve_storage_url(storage_url, data_dir)
+    except OSError as error:
+        typer.echo(
+            f"Error: failed to create the data directory {str(data_dir)!r}: {error.strerror}. "
+            f"Pass another --data-dir.",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def _open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Open the storage and route Optuna's log records through the root logger."""
+    import optuna
+
+    from storage import open_storage
+
+    # Optuna's own stderr handler would print its records a second time
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    return open_storage(url)
+
+
+def _masked(url: str) -> str:
+    from storage.urls import mask_password
+
+    return mask_password(url)
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace non-finite floats with None, because JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _print_json(document: Any) -> None:
+    typer.echo(json.dumps(_json_safe(document), indent=2, allow_nan=False, default=str))
+
+
+def _format_value(value: Any) -> str:
+    """Format a table cell: floats to 4 significant digits, None as "-"."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def _table(title: str) -> Any:
+    """Create a rich table whose borders and padding leave the columns room on 80 characters."""
+    from rich import box
+    from rich.table import Table
+
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False)
+
+
+def _print_table(table: Any) -> None:
+    from rich.console import Console
+
+    Console().print(table)
+
+
+# studies
+
+
+@app.command("studies")
+def studies_command(
+    json_output: JsonOption = False,
+    storage: StorageOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+) -> None:
+    """List the studies in the storage with their trial counts, best EMD_sum and budget."""
+    from hpo.studies import REPORTED_STATES, study_summaries
+
+    url = _storage_url(storage, data_dir)
+    with _exit_on_user_errors(url):
+        rdb = _open_storage(url)
+        summaries = study_summaries(rdb)
+
+    if json_output:
+        _print_json({"storage": _masked(url), "studies": summaries})
+        return
+    if not summaries:
+        typer.echo(f"No jethpo studies in {_masked(url)} yet. Start a search with 'jethpo run'.")
+        return
+
+    table = _table(f"Studies in {_masked(url)}")
+    table.add_column("Study", no_wrap=True)
+    for state in REPORTED_STATES:
+        table.add_column(state, justify="right")
+    table.add_column("Budget", justify="right")
+    table.add_column("Best EMD_sum", justify="right")
+    for summary in summaries:
+        table.add_row(
+            summary["study"],
+            *(str(summary["states"][state]) for state in REPORTED_STATES),
+            _format_value(summary["budget"].get("n_trials")),
+            _format_value(summary["best_value"]),
+        )
+    _print_table(table)
+
+    failures = [summary for summary in summaries if summary["fail_reasons"]]
+    if failures:
+        typer.echo("Failure reasons of FAIL trials:")
+    for summary in failures:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in summary["fail_reasons"].items())
+        typer.echo(f"  {summary['study']}: {reasons}")
+
+
+@app.command("best")
+def best_command(
+    study: Annotated[str, typer.Argument(help="Study name, such as convae-gen.loss.")],
+    json_output: JsonOption = False,
+    storage: StorageOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+) -> None:
+    """Show the best COMPLETE trial of a study with all its parameters and user attributes."""
+    from hpo.studies import best_trial_summary, find_stage, load_spaces, load_study
+
+    url = _storage_url(storage, data_dir)
+    with _exit_on_user_errors(url):
+        rdb = _open_storage(url)
+        space, stage = find_stage(load_spaces(rdb), study)
+        summary = best_trial_summary(load_study(rdb, space, stage), space, stage)
+
+    if json_output:
+        _print_json(summary)
+        return
+
+    typer.echo(f"Study {summary['study']}: best trial {summary['number']}, EMD_sum {summary['value']}")
+    table = _table("Parameters")
+    table.add_column("Name")
+    table.add_column("Value", justify="right")
+    table.add_column("Origin")
+    for name, value in summary["params"].items():
+        origin = next(
+            (kind for kind in ("tuned", "fixed", "inherited") if name in summary[kind]),
+            "recorded",
+        )
+        table.add_row(name, str(value), origin)
+    _print_table(table)
+
+    attrs = {name: value for name, value in summary["user_attrs"].items() if name != "params"}
+    if attrs:
+        typer.echo("User attributes:")
+        for name, value in attrs.items():
+            typer.echo(f"  {name}: {value}")
+
+
+@app.command("enqueue")
+def enqueue_command(
+    study: Annotated[str, typer.Argument(help="Study name, such as convae-gen.loss.")],
+    params: Annotated[
+        str,
+        typer.Option(
+            "--params",
+            help=(
+                'Parameters of the trial as a JSON object, such as \'{"lr": 0.001, "beta": 0.95}\'. '
+                "Tuned parameters left out are suggested by the sampler."
+            ),
+        ),
+    ],
+    storage: StorageOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+) -> None:
+    """Add a WAITING trial with the given parameters, checked against the study's search space."""
+    from hpo.studies import enqueue
+
+    try:
+        values = json.loads(params)
+    except json.JSONDecodeError as error:
+        typer.echo(
+            f"Error: invalid --params {params!r}: not valid JSON ({error}). "
+            f'Pass a JSON object such as \'{{"lr": 0.001}}\'.',
+            err=True,
+        )
+        raise typer.Exit(1) from None
+    if not isinstance(values, dict):
+        typer.echo(
+            f"Error: invalid --params {params!r}: expected a JSON object of parameter names and "
+            f'values, not a {type(values).__name__}. Pass an object such as \'{{"lr": 0.001}}\'.',
+            err=True,
+        )
+        raise typer.Exit(1)
+
+    url = _storage_url(storage, data_dir)
+    with _exit_on_user_errors(url):
+        rdb = _open_storage(url)
+        added = enqueue(rdb, study, values)
+
+    if added:
+        typer.echo(f"Enqueued a WAITING trial in study {study} with parameters {json.dumps(values)}.")
+    else:
+        typer.echo(f"Study {study} already has a trial with parameters {json.dumps(values)}, so nothing was enqueued.")
+
+
+# search spaces
+
+
+@spaces_app.command("list")
+def spaces_list(
+    json_output: JsonOption = False,
+    storage: StorageOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+) -> None:
+    """List the shipped search spaces and those added to the storage."""
+    from hpo.studies import load_spaces, space_origin
+
+    url = _storage_url(storage, data_dir)
+    with _exit_on_user_errors(url):
+        rdb = _open_storage(url)
+        spaces = load_spaces(rdb)
+
+    if json_output:
+        document = [
+            {
+                "name": space.name,
+                "model": space.model,
+                "objective": space.objective,
+                "studies": list(space.study_names),
+                "origin": space_origin(space),
+                "fingerprint": space.fingerprint,
+                "description": space.description,
+            }
+            for space in spaces.values()
+        ]
+        _print_json({"storage": _masked(url), "spaces": document})
+        return
+
+    table = _table(f"Search spaces in {_masked(url)}")
+    for column in ("Name", "Model", "Objective", "Studies", "Origin"):
+        table.add_column(column)
+    for space in spaces.values():
+        table.add_row(space.name, space.model, space.objective, ", ".join(space.study_names), space_origin(space))
+    _print_table(table)
+
+
+@spaces_app.command("show")
+def spaces_show(
+    name: Annotated[str, typer.Argument(help="Search space name, such as convae-gen.")],
+    storage: StorageOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+) -> None:
+    """Print the YAML text of a search space."""
+    from hpo.studies import load_spaces
+
+    url = _storage_url(storage, data_dir)
+    with _exit_on_user_errors(url):
+        rdb = _open_storage(url)
+        spaces = load_spaces(rdb)
+
+    if name not in spaces:
+        typer.echo(f"Error: search space {name!r} not found. Known search spaces: {', '.join(spaces)}.", err=True)
+        raise typer.Exit(1)
+    typer.echo(spaces[name].to_yaml(), nl=False)
+
+
+@spaces_app.command("validate")
+def spaces_validate(
+    path: Annotated[Path, typer.Argument(help="Search space YAML file.")],
+    storage: Annotated[
+        Optional[str],
+        typer.Option(
+            "--storage",
+            help=(
+                "Storage URL whose added search spaces are checked too, for name conflicts and "
+                "latents_from. Defaults to $JETHPO_STORAGE. Without either, only the shipped "
+                "search spaces are checked."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Check a search space file without storing it.
+
+    The file must parse, follow the schema described in hpo/spaces.py, and fit next to the
+    known search spaces: no known space of the same name with different content, and a
+    latents_from that names a convae space.
+    """
+    import os
+
+    from hpo.spaces import builtin_spaces, load_space
+    from hpo.studies import check_new_space, load_spaces, space_origin
+    from storage.urls import STORAGE_ENV_VAR
+
+    url = storage or os.environ.get(STORAGE_ENV_VAR) or None
+    with _exit_on_user_errors(url):
+        space = load_space(path)
+        known = builtin_spaces() if url is None else load_spaces(_open_storage(url))
+        same = check_new_space(space, known)
+
+    studies = ", ".join(space.study_names)
+    typer.echo(
+        f"{path}: valid search space {space.name!r} (model {space.model}, objective "
+        f"{space.objective}, studies {studies})."
+    )
+    if same is not None:
+        typer.echo(f"It has the same content as the {space_origin(same)} search space {same.name!r}.")
+
+
+@spaces_app.command("add")
+def spaces_add(
+    path: Annotated[Path, typer.Argument(help="Search space YAML file.")],
+    storage: StorageOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+) -> None:
+    """Validate a search space file and store it, so that every worker can run its studies.
+
+    Nothing is stored when the file is invalid or its name is taken by a search space with
+    different content.
+    """
+    from hpo.studies import add_space
+
+    url = _storage_url(storage, data_dir)
+    with _exit_on_user_errors(url):
+        rdb = _open_storage(url)
+        space, created = add_space(rdb, path)
+
+    studies = ", ".join(space.study_names)
+    if created:
+        typer.echo(f"Added search space {space.name!r} with studies {studies} to {_masked(url)}.")
+    else:
+        typer.echo(
+            f"Search space {space.name!r} is already known with the same content "
+            f"({space.source}), so nothing was stored."
+        )
+
+
+# optuna-dashboard
+
+
+@app.command("dashboard")
+def dashboard_command(
+    storage: StorageOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port to listen on.")] = 8080,
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host",
+            help="Address to listen on. The default accepts connections from this machine only.",
+        ),
+    ] = "127.0.0.1",
+) -> None:
+    """Serve optuna-dashboard on the same storage until Ctrl-C.
+
+    The dashboard has no login, and anyone who reaches it can change studies, so keep the
+    default --host unless the port is protected.
+    """
+    import optuna_dashboard
+
+    url = _storage_url(storage, data_dir)
+    with _exit_on_user_errors(url):
+        rdb = _open_storage(url)
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("optuna-dashboard listens on %s, so other machines can read and change the studies", host)
+    application = optuna_dashboard.wsgi(rdb)
+    try:
+        server = make_server(
+            host, port, application, server_class=_ThreadingWSGIServer, handler_class=_QuietRequestHandler
+        )
+    except OSError as error:
+        typer.echo(
+            f"Error: optuna-dashboard failed to listen on {host}:{port}: {error.strerror or error}. "
+            f"Pass another --port or --host.",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+
+    logger.info("optuna-dashboard for %s at http://%s:%d/ (Ctrl-C stops it)", _masked(url), host, port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        logger.info("optuna-dashboard stopped")
+    finally:
+        server.server_close()
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """WSGI server with one thread per request, so that a slow page does not block the others."""
+
+    daemon_threads = True
+
+
+class _QuietRequestHandler(WSGIRequestHandler):
+    """Request handler that logs each request at DEBUG instead of printing it to stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("optuna-dashboard %s: %s", self.address_string(), format % args)
 
 
 def main() -> None:
