@@ -482,7 +482,7 @@ def _rule(model: str, name: str) -> _Rule | None:
 def _known_names(model: str) -> str:
     if model == "convae":
         return ", ".join(_CONVAE_RULES)
-    return ", ".join(_REALNVP_RULES) + ", nodes_1, nodes_2, ..."
+    return ", ".join(_REALNVP_RULES) + " and nodes_1, nodes_2 and so on"
 
 
 def realnvp_hidden_sizes(params: Mapping[str, Any]) -> list[int]:

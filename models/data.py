@@ -71,6 +71,7 @@ _JETNET_PARTICLE_FEATURES = ("etarel", "phirel", "ptrel", "mask")
 _JETNET_JET_FEATURES = ("pt", "eta", "mass", "num_particles")
 _JETNET_PARTICLE_SHAPE = f"[n_jets, {N_PARTICLES}, 4] with features ({', '.join(_JETNET_PARTICLE_FEATURES)})"
 _REGENERATE = "Regenerate the file with `jethpo data generate`."
+_JETHPO_PRODUCER = "jethpo data generate"
 _JETNET_FILE_NAME = re.compile(r"^([gqtwz])(\d*)$")
 
 
@@ -208,6 +209,13 @@ def read_jets(path: str | os.PathLike[str], jet_type: str = "g") -> JetData:
             f"{source_path}: contains {n_jets}{type_name} jets, but at least {MIN_JETS} are needed "
             f"so that the train, validation and test splits each get at least one jet. "
             f"Use a larger file, for example from `jethpo data generate --jets 1000`."
+        )
+
+    empty_jets = np.flatnonzero(~mask.any(axis=1))
+    if len(empty_jets):
+        raise JetDataError(
+            f"{source_path}: {len(empty_jets)} of {n_jets} jets have no constituents "
+            f"(first at row {empty_jets[0]}). Remove the empty jets or regenerate the file."
         )
 
     metadata = {
@@ -406,6 +414,11 @@ def _check_finite(
 
 
 def _read_jetnet(file: h5py.File, path: Path, jet_type: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    # A generated file without its constituents would otherwise pass as JetNet and get
+    # momenta rebuilt at jet phi = 0 and from the truncated jet pT, silently wrong.
+    if file.attrs.get("producer") == _JETHPO_PRODUCER:
+        raise JetDataError(f"{path}: written by {_JETHPO_PRODUCER} but has no 'constituents' dataset. {_REGENERATE}")
+
     name_match = _JETNET_FILE_NAME.match(path.stem.lower())
     if name_match and name_match.group(1) != jet_type:
         file_type = name_match.group(1)

@@ -771,3 +771,21 @@ def test_scaler_unfitted_raises():
 def test_scaler_state_missing_key():
     with pytest.raises(ValueError, match="maximum"):
         MinMaxScaler.from_state_dict({"minimum": [0.0, 0.0, 0.0]})
+
+
+def test_error_generated_file_without_constituents(tmp_path):
+    constituents, mask = generated_jets(MIN_JETS)
+    path = write_jethpo(tmp_path / "jets.hdf5", constituents, mask)
+    with h5py.File(path, "a") as file:
+        del file["constituents"]
+
+    assert_error(path, "no 'constituents' dataset")
+
+
+def test_error_jets_without_constituents(tmp_path):
+    constituents, mask = generated_jets(MIN_JETS)
+    constituents[3] = 0.0
+    mask[3] = False
+    path = write_jethpo(tmp_path / "jets.hdf5", constituents, mask)
+
+    assert_error(path, "1 of 10 jets have no constituents", "row 3")
