@@ -500,6 +500,247 @@ def spaces_add(
         )
 
 
+# search runs
+
+
+ProfileOption = Annotated[
+    str,
+    typer.Option(
+        "--profile",
+        help="Run profile: a shipped name (paper, quick, smoke) or the path of a profile YAML file.",
+    ),
+]
+AddressOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--address",
+        envvar="RAY_ADDRESS",
+        help="Address of a Ray cluster to join, such as 10.0.0.5:6379. Without it, a local Ray instance is started.",
+        show_default=False,
+    ),
+]
+WorkersOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--workers",
+        min=1,
+        help=(
+            "Number of workers, each running one trial at a time. Defaults to one per GPU when the "
+            "profile's trials request GPUs, else one per two CPU cores of the Ray cluster."
+        ),
+        show_default=False,
+    ),
+]
+HeartbeatIntervalOption = Annotated[
+    int,
+    typer.Option(
+        "--heartbeat-interval",
+        envvar="JETHPO_HEARTBEAT_INTERVAL",
+        min=1,
+        help="Seconds between heartbeats of a running trial. Use the same value for every jethpo process of a storage.",
+    ),
+]
+GracePeriodOption = Annotated[
+    int,
+    typer.Option(
+        "--grace-period",
+        envvar="JETHPO_GRACE_PERIOD",
+        min=2,
+        help=(
+            "Seconds without a heartbeat after which a RUNNING trial is marked FAIL and retried with the "
+            "same parameters. Must be longer than the heartbeat interval."
+        ),
+    ),
+]
+
+
+@contextmanager
+def _exit_on_run_errors(storage_url: str) -> Iterator[None]:
+    """Turn run errors into one stderr line and exit 1, and Ctrl-C into exit 130."""
+    from hpo.workers import RunError
+    from models.generate import GenerationError
+
+    try:
+        with _exit_on_user_errors(storage_url):
+            yield
+    except (RunError, GenerationError, ValueError) as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo(
+            "Interrupted. Running trials are retried after the grace period; run the same command again to resume.",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+
+
+def _worker_settings(url: str, heartbeat_interval: int, grace_period: int, data: str | None = None) -> Any:
+    import optuna
+
+    from hpo.workers import WorkerSettings
+
+    # Optuna's own stderr handler would print its records a second time
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    return WorkerSettings(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period, data_path=data)
+
+
+def _warn_sqlite_on_cluster(url: str, address: str | None) -> None:
+    if address and url.startswith("sqlite"):
+        logger.warning(
+            "The storage %s is a SQLite file, which works on a Ray cluster only if every node reads "
+            "it at the same path on a shared file system. Pass a PostgreSQL URL with --storage.",
+            _masked(url),
+        )
+
+
+def _print_outcome(outcome: Any) -> None:
+    """Print one row per stage: state, finished trials out of the budget and best EMD_sum."""
+    progress = outcome.progress
+    if progress is None:
+        return
+    table = _table("Pipeline stages")
+    for column in ("Stage", "State", "Done", "Best EMD_sum", "Best trial"):
+        table.add_column(column)
+    for stage in progress.stages:
+        table.add_row(
+            stage.name,
+            stage.state.value,
+            f"{stage.counts.finished}/{stage.n_trials}",
+            _format_value(stage.best_value),
+            _format_value(stage.best_trial),
+        )
+    _print_table(table)
+
+
+def _exit_on_failed_stages(outcome: Any) -> None:
+    """Exit 1 with one stderr line when a stage failed or a worker stopped with an error."""
+    failed = [name for (_, name), state in outcome.states.items() if state.value == "failed"]
+    if failed:
+        typer.echo(f"Error: stages {', '.join(failed)} failed. The log above gives the reasons.", err=True)
+        raise typer.Exit(1)
+    if outcome.worker_errors:
+        typer.echo(
+            f"Error: {len(outcome.worker_errors)} workers stopped with an error. The log above gives the reasons.",
+            err=True,
+        )
+        raise typer.Exit(1)
+    if not outcome.ok:
+        typer.echo("Error: the pipeline did not finish. Run the same command again to resume it.", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("run")
+def run_command(
+    profile: ProfileOption = "quick",
+    storage: StorageOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data",
+            help=(
+                "Jets file or directory (jethpo, JetNet or HLS4ML) that every Ray node can read. Without it, "
+                "the profile's n_jets Pythia jets are generated into DATA_DIR/pythia on the first run."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    address: AddressOption = None,
+    workers: WorkersOption = None,
+    family: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--family",
+            help="Run only the stages of this search space. Repeat the option for several; default: all.",
+            show_default=False,
+        ),
+    ] = None,
+    heartbeat_interval: HeartbeatIntervalOption = 60,
+    grace_period: GracePeriodOption = 120,
+    progress: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--progress/--no-progress",
+            help="Show the live progress table instead of one log line per trial. Default: on a terminal only.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Run the search stages of a profile on Ray workers until every stage is done.
+
+    The pipeline is named after the profile and stored with the studies, so running the
+    same command again after an interruption resumes it: finished stages and trials are
+    kept, and trials that were running are retried.
+    """
+    import sys
+
+    from hpo.spaces import load_profile
+    from hpo.workers import run_pipeline
+
+    url = _storage_url(storage, data_dir)
+    _warn_sqlite_on_cluster(url, address)
+    with _exit_on_run_errors(url):
+        settings = _worker_settings(url, heartbeat_interval, grace_period)
+        outcome = run_pipeline(
+            settings,
+            load_profile(profile),
+            data=data,
+            data_dir=data_dir,
+            address=address,
+            workers=workers,
+            families=family or None,
+            live=sys.stderr.isatty() if progress is None else progress,
+            log_to_driver=logging.getLogger().isEnabledFor(logging.DEBUG),
+        )
+
+    _print_outcome(outcome)
+    _exit_on_failed_stages(outcome)
+
+
+@app.command("worker")
+def worker_command(
+    storage: StorageOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    address: AddressOption = None,
+    workers: WorkersOption = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data",
+            help=(
+                "Jets file that the workers read instead of the path that 'jethpo run' registered, for a "
+                "cluster that mounts the data at another path than the controller. It must contain the same jets."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    heartbeat_interval: HeartbeatIntervalOption = 60,
+    grace_period: GracePeriodOption = 120,
+) -> None:
+    """Start workers on a Ray cluster for the pipelines that 'jethpo run' registered.
+
+    The workers take the budgets and the jets file from the storage, and the command
+    returns when every stage of those pipelines is done. With no unfinished pipeline in
+    the storage, it waits for one.
+    """
+    from hpo.workers import run_workers
+
+    url = _storage_url(storage, data_dir)
+    _warn_sqlite_on_cluster(url, address)
+    with _exit_on_run_errors(url):
+        settings = _worker_settings(url, heartbeat_interval, grace_period, data)
+        outcome = run_workers(
+            settings,
+            address=address,
+            workers=workers,
+            log_to_driver=logging.getLogger().isEnabledFor(logging.DEBUG),
+        )
+
+    _print_outcome(outcome)
+    _exit_on_failed_stages(outcome)
+
+
 # optuna-dashboard
 
 

@@ -1,0 +1,809 @@
+"""Stage graph of a run profile, global trial budgets and stage transitions in the storage.
+
+A pipeline is named after its run profile, such as ``smoke``. Its stages are nodes of a graph:
+
+- search stages, one per stage of every search space, named after their Optuna study
+  (``convae-gen.loss``). A stage depends on the stages it inherits parameters from, so
+  ``convae-gen.loss -> convae-gen.arch``.
+- retraining steps, one per search space, named ``retrain:<family>``, which depend on all
+  search stages of the family. A ``realnvp-latent`` space (``latent-nf``) trains on the
+  latents of a retrained ConVAE, so its search stages depend on ``retrain:<latents_from>``.
+
+This version runs search stages only (:data:`RUNNABLE_KINDS`). Retraining steps, and every
+stage that depends on one, are left out of the runnable set with a reason, and later
+versions can register them without touching the stages that already ran.
+
+Each runnable stage is a row of ``jethpo_stages`` (``storage.pipeline``) whose state moves
+pending -> running -> done or failed, so a restarted controller resumes where the last one
+stopped. :func:`advance_pipeline` moves the states. A pending stage starts when every stage it
+depends on is done, by one atomic claim, so it never starts twice. A running stage is done
+when its budget is used and no trial of it is RUNNING or WAITING.
+
+Budgets are global across workers. :func:`count_trials` counts a trial toward the budget when
+it is COMPLETE, PRUNED, RUNNING, or FAIL without a retry. A stage has budget left while that
+count is below ``n_trials`` or while WAITING trials exist, which the workers always run. A
+worker checks and asks under :func:`budget_lock`, so the count never exceeds ``n_trials``
+unless WAITING trials were enqueued on top of it.
+
+The search budget, the jets file and the trial resources of a stage are stored in its study's
+user attributes (``hpo.studies.BUDGET_ATTRS`` and :data:`RUN_ATTR`), so a worker needs only the
+storage URL to run any registered stage.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import logging
+import threading
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.storages._rdb import models as optuna_models
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import select, update
+
+from hpo import studies
+from hpo.spaces import Profile, Resources, SearchBudget, Space, SpaceError
+from hpo.spaces import Stage as SpaceStage
+from storage import pipeline as stage_table
+from storage.locks import sqlite_database_path
+from storage.pipeline import StageState
+
+__all__ = [
+    "RETRAIN",
+    "RUNNABLE_KINDS",
+    "RUN_ATTR",
+    "SEARCH",
+    "BudgetExhausted",
+    "PipelinePlan",
+    "PipelineStage",
+    "StageCounts",
+    "StageRecord",
+    "advance_pipeline",
+    "budget_lock",
+    "count_trials",
+    "fail_stale_trials",
+    "load_stage_records",
+    "plan_pipeline",
+    "register_pipeline",
+    "retried_trial_numbers",
+    "unfinished_pipelines",
+]
+
+logger = logging.getLogger(__name__)
+
+SEARCH = "search"
+"""Kind of a stage that runs the trials of one Optuna study."""
+
+RETRAIN = "retrain"
+"""Kind of a step that retrains the best trial of a search space."""
+
+RUNNABLE_KINDS = (SEARCH,)
+"""Stage kinds that this version of jethpo runs."""
+
+RUN_ATTR = "run"
+"""Study user attribute with the pipeline, jets file and trial resources of the last run.
+
+Its value is a dict with ``pipeline``, ``data_path`` (absolute), ``n_jets`` (None for all),
+``split_seed``, ``data_fingerprint`` (``hpo.objectives.TrialData.fingerprint``) and
+``resources`` (``{"cpus": float, "gpus": float}`` per trial).
+"""
+
+_BUDGET_LOCK_NAMESPACE = 0x6A657468
+"""First key of the PostgreSQL advisory locks that serialise budget checks ("jeth" in ASCII)."""
+
+_SQLITE_BUDGET_LOCK_SUFFIX = ".budget-lock"
+_memory_budget_lock = threading.Lock()
+
+
+class BudgetExhausted(Exception):
+    """Stage whose trial budget was used up by other workers before this one asked."""
+
+
+# stage graph
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """One node of the stage graph.
+
+    Attributes:
+        name: Unique name in the pipeline: the study name of a search stage
+            (``convae-gen.loss``), ``retrain:<family>`` for a retraining step.
+        kind: :data:`SEARCH` or :data:`RETRAIN`.
+        family: Name of the search space.
+        depends_on: Names of the stages that must be done before this one starts.
+        order: Urgency, lower first: stages nearer the start of the graph come first, then
+            the order of the search spaces, then the order of the stages in their space.
+        space: The search space.
+        stage: The search space's stage, for search stages only.
+        budget: The profile's search budget, for search stages only.
+        excluded: Why the stage cannot run in this version, or None if it can.
+    """
+
+    name: str
+    kind: str
+    family: str
+    depends_on: tuple[str, ...]
+    order: tuple[int, int, int]
+    space: Space = field(compare=False, repr=False)
+    stage: SpaceStage | None = field(default=None, compare=False, repr=False)
+    budget: SearchBudget | None = None
+    excluded: str | None = None
+
+    @property
+    def study_name(self) -> str | None:
+        """Optuna study of a search stage, None for other kinds."""
+        return self.stage.study_name if self.stage is not None else None
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """Stage graph of one run profile over a set of search spaces.
+
+    Attributes:
+        name: Pipeline name, the profile name.
+        profile: The run profile.
+        stages: Every node of the graph, sorted by urgency.
+    """
+
+    name: str
+    profile: Profile
+    stages: tuple[PipelineStage, ...]
+
+    @property
+    def runnable(self) -> tuple[PipelineStage, ...]:
+        """Stages that this version runs, sorted by urgency."""
+        return tuple(stage for stage in self.stages if stage.excluded is None)
+
+    @property
+    def excluded(self) -> tuple[PipelineStage, ...]:
+        """Stages left out, each with its reason in ``excluded``."""
+        return tuple(stage for stage in self.stages if stage.excluded is not None)
+
+    def trial_resources(self) -> Resources:
+        """Return the largest CPU and GPU request of one trial over the runnable stages.
+
+        A worker runs trials of every stage, so it reserves the largest request once.
+        """
+        budgets = [stage.budget for stage in self.runnable if stage.budget is not None]
+        if not budgets:
+            return Resources(cpus=1.0, gpus=0.0)
+        return Resources(
+            cpus=max(budget.resources.cpus for budget in budgets),
+            gpus=max(budget.resources.gpus for budget in budgets),
+        )
+
+
+def _retrain_name(family: str) -> str:
+    return f"{RETRAIN}:{family}"
+
+
+def plan_pipeline(
+    spaces: Mapping[str, Space],
+    profile: Profile,
+    families: Sequence[str] | None = None,
+) -> PipelinePlan:
+    """Build the stage graph of a profile and mark the stages this version cannot run.
+
+    Args:
+        spaces: Search spaces in their order of urgency, such as ``hpo.studies.load_spaces``
+            returns them (shipped spaces in file order, then stored ones).
+        profile: Run profile with the search budgets.
+        families: Names of the search spaces to run, or None for all of them.
+
+    Returns:
+        The plan. Its pipeline name is the profile name.
+
+    Raises:
+        SpaceError: if ``families`` names an unknown search space.
+        ProfileError: if the profile has no valid budget for a stage.
+    """
+    selected = list(spaces) if families is None else list(dict.fromkeys(families))
+    unknown = [name for name in selected if name not in spaces]
+    if unknown:
+        raise SpaceError(
+            "--family",
+            "",
+            "no search space has this name",
+            unknown[0],
+            f"Use one of {', '.join(spaces)}.",
+        )
+    family_index = {name: index for index, name in enumerate(spaces)}
+
+    # nodes and dependencies
+    nodes: dict[str, dict[str, Any]] = {}
+    for family in selected:
+        space = spaces[family]
+        search_names = []
+        for stage_index, stage in enumerate(space.stages):
+            depends_on = [space.stage(parent).study_name for parent in stage.inherits]
+            if space.latents_from is not None:
+                depends_on.append(_retrain_name(space.latents_from))
+            nodes[stage.study_name] = {
+                "kind": SEARCH,
+                "space": space,
+                "stage": stage,
+                "depends_on": tuple(depends_on),
+                "position": (family_index[family], stage_index),
+            }
+            search_names.append(stage.study_name)
+        nodes[_retrain_name(family)] = {
+            "kind": RETRAIN,
+            "space": space,
+            "stage": None,
+            "depends_on": tuple(search_names),
+            "position": (family_index[family], len(space.stages)),
+        }
+
+    # depth and the reason a node cannot run, in dependency order
+    depth: dict[str, int] = {}
+    excluded: dict[str, str | None] = {}
+
+    def resolve(name: str) -> None:
+        if name in depth:
+            return
+        node = nodes[name]
+        parents = node["depends_on"]
+        reason = None
+        if node["kind"] not in RUNNABLE_KINDS:
+            reason = f"{node['kind']} steps are not implemented in this version of jethpo"
+        for parent in parents:
+            if parent not in nodes:
+                reason = reason or f"it depends on {parent}, whose search space is not part of this run"
+                continue
+            resolve(parent)
+            if excluded[parent] is not None and reason is None:
+                reason = f"it depends on {parent}, which this version of jethpo cannot run"
+        depth[name] = 1 + max((depth.get(parent, 0) for parent in parents), default=-1)
+        excluded[name] = reason
+
+    for name in nodes:
+        resolve(name)
+
+    stages = []
+    for name, node in nodes.items():
+        space, stage = node["space"], node["stage"]
+        budget = profile.search_budget(space, stage) if stage is not None else None
+        stages.append(
+            PipelineStage(
+                name=name,
+                kind=node["kind"],
+                family=space.name,
+                depends_on=node["depends_on"],
+                order=(depth[name], *node["position"]),
+                space=space,
+                stage=stage,
+                budget=budget,
+                excluded=excluded[name],
+            )
+        )
+    stages.sort(key=lambda stage: stage.order)
+    return PipelinePlan(name=profile.name, profile=profile, stages=tuple(stages))
+
+
+def register_pipeline(
+    storage: optuna.storages.RDBStorage,
+    plan: PipelinePlan,
+    run_info: Mapping[str, Any],
+) -> None:
+    """Create the studies of the runnable stages and their ``jethpo_stages`` rows.
+
+    Stages that are already stored keep their state, so registering a pipeline again
+    resumes it. Each study gets the profile's budget (``hpo.studies.open_study``) and
+    :data:`RUN_ATTR` with the given run information and the stage's trial resources.
+
+    Args:
+        storage: Storage returned by ``storage.open_storage``.
+        plan: The stage graph.
+        run_info: ``data_path``, ``n_jets``, ``split_seed`` and ``data_fingerprint``.
+    """
+    for stage in plan.runnable:
+        study = studies.open_study(storage, stage.space, stage.stage, profile=plan.profile)
+        resources = stage.budget.resources
+        study.set_user_attr(
+            RUN_ATTR,
+            {
+                "pipeline": plan.name,
+                **run_info,
+                "resources": {"cpus": resources.cpus, "gpus": resources.gpus},
+            },
+        )
+        stage_table.upsert_stage(
+            storage.engine,
+            plan.name,
+            stage.name,
+            study_name=stage.study_name,
+            family=stage.family,
+            depends_on=stage.depends_on,
+        )
+
+
+# trial counts
+
+
+@dataclass(frozen=True)
+class StageCounts:
+    """Trials of one stage's study by state, as the budget counts them.
+
+    Attributes:
+        complete: COMPLETE trials.
+        pruned: PRUNED trials.
+        running: RUNNING trials, including stale ones not yet failed.
+        waiting: WAITING trials: retries and enqueued trials.
+        failed: FAIL trials without a retry, such as ``nan_loss`` failures or stale trials
+            whose retries ran out.
+        retried: FAIL trials that have a retry. Their retry counts in their place.
+    """
+
+    complete: int = 0
+    pruned: int = 0
+    running: int = 0
+    waiting: int = 0
+    failed: int = 0
+    retried: int = 0
+
+    @property
+    def used(self) -> int:
+        """Trials counted toward the budget: COMPLETE, PRUNED, RUNNING and FAIL without a retry."""
+        return self.complete + self.pruned + self.running + self.failed
+
+    @property
+    def finished(self) -> int:
+        """Trials counted toward the budget that have ended: COMPLETE, PRUNED, FAIL without a retry."""
+        return self.complete + self.pruned + self.failed
+
+    def has_budget(self, n_trials: int) -> bool:
+        """Return whether a worker may ask for a trial: budget left, or WAITING trials to run."""
+        return self.used < n_trials or self.waiting > 0
+
+    def is_done(self, n_trials: int) -> bool:
+        """Return whether the budget is used and no trial is RUNNING or WAITING."""
+        return self.used >= n_trials and self.running == 0 and self.waiting == 0
+
+
+def retried_trial_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
+    """Return the numbers of the trials that a retry re-queued.
+
+    The storage's retry callback (Optuna's ``RetryHeartbeatStaleTrialCallback``) gives each
+    retry the system attribute ``retry_history``, whose last entry is the trial it repeats.
+    """
+    numbers = set()
+    for trial in trials:
+        history = trial.system_attrs.get("retry_history")
+        if history:
+            numbers.add(history[-1])
+    return numbers
+
+
+def count_trials(trials: Sequence[FrozenTrial]) -> StageCounts:
+    """Count a study's trials by state for the budget.
+
+    Args:
+        trials: Every trial of the study.
+
+    Returns:
+        The counts. A FAIL trial counts as ``retried`` when a later trial retries it, and as
+        ``failed`` otherwise.
+    """
+    retried = retried_trial_numbers(trials)
+    counts = {"complete": 0, "pruned": 0, "running": 0, "waiting": 0, "failed": 0, "retried": 0}
+    for trial in trials:
+        if trial.state == TrialState.COMPLETE:
+            counts["complete"] += 1
+        elif trial.state == TrialState.PRUNED:
+            counts["pruned"] += 1
+        elif trial.state == TrialState.RUNNING:
+            counts["running"] += 1
+        elif trial.state == TrialState.WAITING:
+            counts["waiting"] += 1
+        elif trial.number in retried:
+            counts["retried"] += 1
+        else:
+            counts["failed"] += 1
+    return StageCounts(**counts)
+
+
+# budget lock
+
+
+@contextmanager
+def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
+    """Hold a lock, shared by every jethpo process on the storage, for one study's budget.
+
+    Workers check the budget and ask for a trial inside this block, so two workers never
+    both take the last trial of a budget. On PostgreSQL the lock is a transaction-level
+    advisory lock keyed by the study name, held on one pooled connection and released at
+    commit, or by the server if the connection breaks. On a SQLite file it is an exclusive
+    ``flock`` on ``<database>.budget-lock`` for all studies, and an in-memory SQLite
+    database, private to one process, uses a thread lock.
+
+    Args:
+        storage: Storage returned by ``storage.open_storage``.
+        study_name: The study whose budget is checked.
+    """
+    engine = storage.engine
+    if engine.dialect.name == "postgresql":
+        key = zlib.crc32(study_name.encode("utf-8"))
+        key -= 2**32 if key >= 2**31 else 0
+        with engine.begin() as connection:
+            connection.execute(
+                sqlalchemy.text("SELECT pg_advisory_xact_lock(:namespace, :key)"),
+                {"namespace": _BUDGET_LOCK_NAMESPACE, "key": key},
+            )
+            yield
+        return
+
+    path = sqlite_database_path(engine.url)
+    if path is None:
+        with _memory_budget_lock:
+            yield
+        return
+
+    lock_path = Path(path).with_name(Path(path).name + _SQLITE_BUDGET_LOCK_SUFFIX)
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+# stale trials
+
+
+def fail_stale_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -> list[tuple[int, int | None]]:
+    """Fail the study's RUNNING trials whose worker stopped recording heartbeats, and retry them.
+
+    A trial is stale when its last heartbeat is older than the storage's grace period, as in
+    ``optuna.storages.fail_stale_trials``. A RUNNING trial that never recorded a heartbeat is
+    stale too once it started more than the grace period ago, because its worker died
+    between ``ask`` and the first heartbeat. Optuna would keep such a trial RUNNING forever,
+    and its stage would never be done. The storage's retry callback then adds a WAITING
+    copy of each failed trial with the same parameters, until its retries run out.
+
+    Args:
+        study: The study whose trials are checked.
+        storage: The study's storage. Nothing happens when its heartbeats are off.
+
+    Returns:
+        ``(failed trial number, retry trial number or None)`` for each trial this call
+        failed, for the caller to log. Trials that another process failed first are left
+        out. None means that the trial's retries ran out.
+    """
+    interval = storage.get_heartbeat_interval()
+    if interval is None:
+        return []
+    grace_period = storage.grace_period if storage.grace_period is not None else 2 * interval
+
+    # NOTE: RDBStorage._get_stale_trial_ids is private, but it is the query that Optuna's
+    # own fail_stale_trials runs (Optuna 4.x and 5.1).
+    study_id = study._study_id
+    stale_ids = list(storage._get_stale_trial_ids(study_id))
+    stale_ids += _trials_without_heartbeat(storage, study_id, grace_period)
+    if not stale_ids:
+        return []
+
+    failed = []
+    for trial_id in dict.fromkeys(stale_ids):
+        try:
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # another process failed or finished it first
+            continue
+
+    results = []
+    callback = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in failed:
+        trial = storage.get_trial(trial_id)
+        if callback is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                callback(study, trial)
+        results.append((trial.number, _retry_of(storage, study_id, trial.number)))
+    return results
+
+
+def _trials_without_heartbeat(
+    storage: optuna.storages.RDBStorage, study_id: int, grace_period: int
+) -> list[int]:
+    # datetime_start comes from the worker's clock, so a skew between machines shifts
+    # the cut-off by the same amount
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace_period)
+    running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return []
+
+    heartbeats = optuna_models.TrialHeartbeatModel
+    with storage.engine.connect() as connection:
+        beating = set(
+            connection.execute(
+                select(heartbeats.trial_id).where(
+                    heartbeats.trial_id.in_([trial._trial_id for trial in running])
+                )
+            ).scalars()
+        )
+    return [
+        trial._trial_id
+        for trial in running
+        if trial._trial_id not in beating
+        and trial.datetime_start is not None
+        and trial.datetime_start.replace(tzinfo=None) < cutoff
+    ]
+
+
+def _retry_of(storage: optuna.storages.RDBStorage, study_id: int, number: int) -> int | None:
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        history = trial.system_attrs.get("retry_history")
+        if history and history[-1] == number:
+            return trial.number
+    return None
+
+
+# stages stored in the database
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """A registered stage as every process reads it from the storage.
+
+    Attributes:
+        pipeline: Pipeline name.
+        name: Stage name.
+        kind: :data:`SEARCH` or :data:`RETRAIN`.
+        state: State in ``jethpo_stages``.
+        depends_on: Names of the stages it waits for.
+        order: Urgency, lower first (see :class:`PipelineStage`).
+        study_name: Optuna study of a search stage.
+        space: The search space, or None if it is unknown to this process.
+        stage: The search space's stage, or None.
+        budget: Search budget from the study's user attributes, or None if missing.
+        run: The study's :data:`RUN_ATTR`, or ``{}``.
+        problem: Why a worker cannot run the stage, or None.
+    """
+
+    pipeline: str
+    name: str
+    kind: str
+    state: StageState
+    depends_on: tuple[str, ...]
+    order: tuple[int, int, int]
+    study_name: str
+    space: Space | None = field(default=None, repr=False, compare=False)
+    stage: SpaceStage | None = field(default=None, repr=False, compare=False)
+    budget: SearchBudget | None = None
+    run: dict[str, Any] = field(default_factory=dict, compare=False)
+    problem: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the stage is done or failed."""
+        return self.state in (StageState.DONE, StageState.FAILED)
+
+
+def unfinished_pipelines(storage: optuna.storages.RDBStorage) -> list[str]:
+    """Return the names of the pipelines that have pending or running stages, sorted."""
+    table = stage_table.stages_table
+    active = (StageState.PENDING.value, StageState.RUNNING.value)
+    with storage.engine.connect() as connection:
+        names = connection.execute(
+            select(table.c.pipeline).where(table.c.state.in_(active)).distinct()
+        ).scalars()
+        return sorted(names)
+
+
+def _depths(depends_on: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    depth: dict[str, int] = {}
+
+    def resolve(name: str, seen: frozenset[str]) -> int:
+        if name in depth:
+            return depth[name]
+        if name in seen:
+            # a cycle cannot come from plan_pipeline, so it is counted as depth 0
+            return 0
+        parents = [parent for parent in depends_on.get(name, ()) if parent in depends_on]
+        depth[name] = 1 + max((resolve(parent, seen | {name}) for parent in parents), default=-1)
+        return depth[name]
+
+    for name in depends_on:
+        resolve(name, frozenset())
+    return depth
+
+
+def _budget_from_attrs(attrs: Mapping[str, Any], run: Mapping[str, Any]) -> SearchBudget | None:
+    keys = ("n_trials", "epochs", "batch_size", "eval_every")
+    if not all(isinstance(attrs.get(key), int) for key in keys):
+        return None
+    resources = run.get("resources") or {}
+    return SearchBudget(
+        n_trials=attrs["n_trials"],
+        epochs=attrs["epochs"],
+        batch_size=attrs["batch_size"],
+        eval_every=attrs["eval_every"],
+        resources=Resources(cpus=float(resources.get("cpus", 1.0)), gpus=float(resources.get("gpus", 0.0))),
+    )
+
+
+def load_stage_records(
+    storage: optuna.storages.RDBStorage,
+    pipeline: str,
+    spaces: Mapping[str, Space] | None = None,
+) -> list[StageRecord]:
+    """Read the registered stages of a pipeline with their search spaces and budgets.
+
+    Args:
+        storage: Storage returned by ``storage.open_storage``.
+        pipeline: Pipeline name.
+        spaces: Known search spaces, by default ``hpo.studies.load_spaces(storage)``.
+
+    Returns:
+        The stages sorted by urgency, ``[]`` for an unknown pipeline.
+    """
+    rows = stage_table.get_stages(storage.engine, pipeline)
+    if not rows:
+        return []
+    spaces = studies.load_spaces(storage) if spaces is None else spaces
+    family_index = {name: index for index, name in enumerate(spaces)}
+    depth = _depths({row.stage: row.depends_on for row in rows})
+
+    records = []
+    for row in rows:
+        kind = SEARCH if ":" not in row.stage else row.stage.split(":", 1)[0]
+        space = spaces.get(row.family)
+        stage = None
+        budget = None
+        run: dict[str, Any] = {}
+        problem = None
+        if kind not in RUNNABLE_KINDS:
+            problem = f"{kind} steps are not implemented in this version of jethpo"
+        elif space is None:
+            problem = f"search space {row.family!r} is not known to this worker"
+        else:
+            stage = next((item for item in space.stages if item.study_name == row.study_name), None)
+            if stage is None:
+                problem = f"search space {row.family!r} has no stage with study {row.study_name!r}"
+            else:
+                try:
+                    attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(row.study_name))
+                except KeyError:
+                    attrs = {}
+                run = dict(attrs.get(RUN_ATTR) or {})
+                budget = _budget_from_attrs(attrs, run)
+                if budget is None or not run:
+                    problem = f"study {row.study_name!r} has no budget or run attributes; run 'jethpo run' to register it"
+        stage_index = 0
+        if space is not None and stage is not None:
+            stage_index = space.stages.index(stage)
+        records.append(
+            StageRecord(
+                pipeline=pipeline,
+                name=row.stage,
+                kind=kind,
+                state=row.state,
+                depends_on=row.depends_on,
+                order=(depth[row.stage], family_index.get(row.family, len(family_index)), stage_index),
+                study_name=row.study_name,
+                space=space,
+                stage=stage,
+                budget=budget,
+                run=run,
+                problem=problem,
+            )
+        )
+    records.sort(key=lambda record: record.order)
+    return records
+
+
+# stage transitions
+
+
+def _move_state(
+    engine: sqlalchemy.Engine,
+    pipeline: str,
+    stage: str,
+    from_state: StageState,
+    to_state: StageState,
+) -> bool:
+    """Move a stage from one state to another in one UPDATE, and return whether it moved.
+
+    Of several processes that try the same move at once, exactly one succeeds, so each
+    transition is logged and acted on once.
+    """
+    table = stage_table.stages_table
+    statement = (
+        update(table)
+        .where(
+            (table.c.pipeline == pipeline)
+            & (table.c.stage == stage)
+            & (table.c.state == from_state.value)
+        )
+        .values(state=to_state.value, updated_at=datetime.datetime.now(datetime.timezone.utc))
+    )
+    with engine.begin() as connection:
+        return connection.execute(statement).rowcount == 1
+
+
+def advance_pipeline(
+    storage: optuna.storages.RDBStorage,
+    records: Sequence[StageRecord],
+    owner: str,
+    trials: Mapping[str, Sequence[FrozenTrial]] | None = None,
+) -> list[tuple[str, StageState, str]]:
+    """Finish running stages whose budget is used and start pending stages whose inputs are done.
+
+    A running stage becomes done when its budget is used and no trial is RUNNING or
+    WAITING, or failed when none of its trials is COMPLETE, because the stages that
+    inherit from it need a best trial. A pending stage starts when every stage it depends
+    on is done and the best parameters it inherits can be read, and fails when a stage it
+    depends on failed. Every transition is one conditional UPDATE, so of several
+    controllers only one makes each.
+
+    Args:
+        storage: Storage returned by ``storage.open_storage``.
+        records: The pipeline's stages from :func:`load_stage_records`.
+        owner: Name of this process for ``jethpo_stages.claimed_by``, such as ``host:pid``.
+        trials: Trials of each running stage's study, by study name, if the caller has
+            read them already. Others are read from the storage.
+
+    Returns:
+        ``(stage name, new state, reason)`` for each transition made by this call.
+    """
+    engine = storage.engine
+    states = {record.name: record.state for record in records}
+    events = []
+    for record in records:
+        if record.problem is not None or record.budget is None:
+            continue
+
+        if states[record.name] == StageState.RUNNING:
+            stage_trials = (trials or {}).get(record.study_name)
+            if stage_trials is None:
+                study_id = storage.get_study_id_from_name(record.study_name)
+                stage_trials = storage.get_all_trials(study_id, deepcopy=False)
+            counts = count_trials(stage_trials)
+            if not counts.is_done(record.budget.n_trials):
+                continue
+            if counts.complete == 0:
+                reason = f"none of its {counts.finished} trials is COMPLETE"
+                if _move_state(engine, record.pipeline, record.name, StageState.RUNNING, StageState.FAILED):
+                    events.append((record.name, StageState.FAILED, reason))
+                states[record.name] = StageState.FAILED
+            else:
+                reason = f"{counts.complete} COMPLETE, {counts.pruned} PRUNED, {counts.failed} FAIL"
+                if _move_state(engine, record.pipeline, record.name, StageState.RUNNING, StageState.DONE):
+                    events.append((record.name, StageState.DONE, reason))
+                states[record.name] = StageState.DONE
+
+        elif states[record.name] == StageState.PENDING:
+            parents = [states.get(parent) for parent in record.depends_on]
+            failed_parents = [name for name in record.depends_on if states.get(name) == StageState.FAILED]
+            if failed_parents:
+                reason = f"it depends on {', '.join(failed_parents)}, which failed"
+                if _move_state(engine, record.pipeline, record.name, StageState.PENDING, StageState.FAILED):
+                    events.append((record.name, StageState.FAILED, reason))
+                states[record.name] = StageState.FAILED
+                continue
+            if not all(state == StageState.DONE for state in parents):
+                continue
+
+            try:
+                inherited = studies.inherited_params(storage, record.space, record.stage)
+            except studies.StudyError as error:
+                if _move_state(engine, record.pipeline, record.name, StageState.PENDING, StageState.FAILED):
+                    events.append((record.name, StageState.FAILED, str(error)))
+                states[record.name] = StageState.FAILED
+                continue
+            if stage_table.claim_stage(engine, record.pipeline, record.name, owner):
+                detail = f"inherits {inherited}" if inherited else "inherits nothing"
+                events.append((record.name, StageState.RUNNING, detail))
+            states[record.name] = StageState.RUNNING
+    return events

@@ -1,0 +1,1138 @@
+"""Ray workers that pull trials of the most urgent open stage, and the controller that drives them.
+
+A worker is a Ray actor that reserves the resources of one trial (``num_cpus`` and
+``num_gpus`` from the run profile). Its :meth:`Worker.run` loop repeats: fail the stale trials
+of the running stages, pick the most urgent stage with budget left, ask its study for a trial
+(:func:`hpo.objectives.run_trial`), train, tell. It returns when every stage of its pipelines
+is done or failed. Until then a worker with nothing to do polls the storage, because a
+RUNNING trial elsewhere may die and be retried, and a finished stage may start the next one.
+
+Ray restarts a worker whose process dies (``max_restarts=-1``) and calls ``run`` again
+(``max_task_retries=-1``). The dead worker's trial stops recording heartbeats, so after the
+grace period the next worker or controller that looks marks it FAIL, and the storage's retry
+callback queues a WAITING copy with the same parameters.
+
+The controller (:func:`run_pipeline`, ``jethpo run``) registers the pipeline, starts Ray or
+joins a cluster, and starts the workers spread over the cluster's nodes. Then it reads the
+storage every few seconds. Each time, it starts and finishes stages
+(``hpo.pipeline.advance_pipeline``), fails stale trials, logs what changed and draws the
+progress view. :func:`run_workers`
+(``jethpo worker``) does the same for the pipelines already registered, without a profile.
+
+Every process keeps at most one idle PostgreSQL connection: the storages opened here have a
+pool of one connection plus one overflow connection, which is closed after use. A worker
+holds both for a moment while it asks for a trial, and when a heartbeat coincides with
+another request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy.exc
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo import pipeline as stages
+from hpo.pipeline import BudgetExhausted, StageRecord, budget_lock, count_trials
+from hpo.spaces import Profile, Resources
+from storage import open_storage
+from storage.urls import StorageError, describe_database_error, mask_password
+
+__all__ = [
+    "DEFAULT_GRACE_PERIOD",
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "SPLIT_SEED",
+    "DataMismatchError",
+    "PipelineOutcome",
+    "RunError",
+    "Worker",
+    "WorkerPool",
+    "WorkerSettings",
+    "connect_ray",
+    "default_worker_count",
+    "open_worker_storage",
+    "prepare_jets",
+    "run_pipeline",
+    "run_workers",
+    "start_workers",
+    "supervise",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_INTERVAL = 60
+"""Seconds between heartbeats of a running trial."""
+
+DEFAULT_GRACE_PERIOD = 120
+"""Seconds without a heartbeat after which a RUNNING trial is failed and retried."""
+
+SPLIT_SEED = 0
+"""Seed of the train/validation/test split of every pipeline (``hpo.objectives.prepare_data``)."""
+
+GENERATED_JETS_FOLDER = "pythia"
+"""Folder under the data directory that receives generated jets when no ``--data`` is given."""
+
+_NODE_WAIT_S = 600
+"""Seconds a controller that joined a cluster waits for nodes with resources for one trial."""
+
+# Exceptions that mean the database is unreachable for a while, as during a PostgreSQL
+# restart, rather than a bug: the loops here wait and try again.
+_OUTAGE_ERRORS = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.DisconnectionError,
+    sqlalchemy.exc.TimeoutError,
+    StorageError,
+)
+
+# fail_message prefixes of trials that run_trial ended as FAIL because a storage request
+# failed, such as trial.report during a PostgreSQL restart (exception type, then ": ")
+_STORAGE_FAILURE_PREFIXES = ("StorageInternalError:", "OperationalError:", "InterfaceError:")
+
+
+class RunError(Exception):
+    """Error that stops a run from starting or going on. Its message names the cause and the fix."""
+
+
+class DataMismatchError(RunError):
+    """Jets that a worker prepared differ from those the controller registered."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Settings shared by a controller and its workers, sent to every worker process.
+
+    Attributes:
+        storage_url: Storage URL with the password, because workers must log in.
+        heartbeat_interval: Seconds between heartbeats of a running trial.
+        grace_period: Seconds without a heartbeat after which a RUNNING trial is stale.
+            Every process that works on a storage must use the same two values, because
+            each one fails the trials that look stale to it.
+        max_retry: How many times a stale trial is re-queued.
+        poll_interval_s: Seconds a worker or controller waits before it reads the storage
+            again when it has nothing to do.
+        data_path: Jets file to read instead of the one registered with the pipeline, for a
+            cluster that mounts the data at another path than the controller. Its data
+            fingerprint must match.
+    """
+
+    storage_url: str
+    heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL
+    grace_period: int = DEFAULT_GRACE_PERIOD
+    max_retry: int = 3
+    poll_interval_s: float = 2.0
+    data_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.heartbeat_interval, bool) or not isinstance(self.heartbeat_interval, int) or self.heartbeat_interval < 1:
+            raise ValueError(
+                f"invalid heartbeat interval {self.heartbeat_interval!r}: expected a whole number of seconds of at least 1"
+            )
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"invalid grace period {self.grace_period!r} s: it must be longer than the heartbeat interval "
+                f"of {self.heartbeat_interval} s, or running trials would be failed. Use at least twice the interval."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"WorkerSettings(storage_url={mask_password(self.storage_url)!r}, heartbeat_interval="
+            f"{self.heartbeat_interval}, grace_period={self.grace_period}, max_retry={self.max_retry})"
+        )
+
+
+def open_worker_storage(settings: WorkerSettings) -> optuna.storages.RDBStorage:
+    """Open the storage with heartbeats, retries and the small pool of a worker.
+
+    Raises:
+        StorageError: The URL is invalid or the database cannot be opened.
+    """
+    return open_storage(
+        settings.storage_url,
+        heartbeat_interval=settings.heartbeat_interval,
+        grace_period=settings.grace_period,
+        failed_trial_max_retry=settings.max_retry,
+        pool_size=1,
+        max_overflow=1,
+    )
+
+
+def _is_outage(error: BaseException) -> bool:
+    """Return whether an error, or one that caused it, means the database is unreachable."""
+    seen = 0
+    current: BaseException | None = error
+    while current is not None and seen < 10:
+        if isinstance(current, _OUTAGE_ERRORS):
+            return True
+        if isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated:
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
+
+
+class _Outage:
+    """Backoff and rate-limited logging while the storage is unreachable."""
+
+    def __init__(self, process_name: str) -> None:
+        self.process_name = process_name
+        self.failures = 0
+
+    def failed(self, error: BaseException) -> float:
+        """Log the failure (the first and every tenth in a row) and return the seconds to wait."""
+        self.failures += 1
+        if self.failures % 10 == 1:
+            logger.warning(
+                "%s failed to reach the storage (%d failures in a row), retrying: %s",
+                self.process_name,
+                self.failures,
+                describe_database_error(error.__cause__ or error),
+            )
+        return min(30.0, 0.5 * 2 ** min(self.failures - 1, 6))
+
+    def recovered(self) -> None:
+        if self.failures:
+            logger.info("%s reached the storage again after %d failed attempts", self.process_name, self.failures)
+        self.failures = 0
+
+
+# the worker
+
+
+class _WorkerStudy(optuna.Study):
+    """Study whose ``ask`` enforces the stage's global budget and tags the trial with its worker.
+
+    ``hpo.objectives.run_trial`` calls ``ask`` once per trial. Here ``ask`` takes the
+    study's :func:`~hpo.pipeline.budget_lock`, counts the trials, and raises
+    :class:`~hpo.pipeline.BudgetExhausted` instead of creating a trial when no budget is
+    left. The new trial gets a heartbeat before the lock is released, so it can go stale if
+    the worker dies at once, and then the user attributes of the worker.
+    """
+
+    def __init__(
+        self,
+        study_name: str,
+        storage: optuna.storages.RDBStorage,
+        sampler: optuna.samplers.BaseSampler,
+        pruner: optuna.pruners.BasePruner,
+        trial_attrs: Mapping[str, Any],
+    ) -> None:
+        super().__init__(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+        self._rdb = storage
+        self._trial_attrs = dict(trial_attrs)
+        self.n_trials = 0
+
+    def ask(self, fixed_distributions=None) -> optuna.Trial:
+        with budget_lock(self._rdb, self.study_name):
+            counts = count_trials(self.get_trials(deepcopy=False))
+            if not counts.has_budget(self.n_trials):
+                raise BudgetExhausted(
+                    f"study {self.study_name} has {counts.used} of {self.n_trials} trials counted and none WAITING"
+                )
+            trial = super().ask(fixed_distributions)
+            if self._rdb.get_heartbeat_interval() is not None:
+                self._rdb.record_heartbeat(trial._trial_id)
+        for key, value in self._trial_attrs.items():
+            trial.set_user_attr(key, value)
+        return trial
+
+
+class Worker:
+    """Trial loop of one worker process, run as a Ray actor or directly.
+
+    Args:
+        settings: Storage URL, heartbeat settings and poll interval.
+        pipelines: Names of the pipelines to work on.
+        index: Number of the worker among its controller's workers. It offsets the sampler
+            seeds (``hpo.spaces.SamplerSpec.create``) and is stored with each trial.
+        threads: Torch threads for training, normally the CPUs reserved per trial.
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        pipelines: Sequence[str],
+        index: int = 0,
+        threads: int = 1,
+    ) -> None:
+        self.settings = settings
+        self.pipelines = list(pipelines)
+        self.index = index
+        self.threads = max(1, int(threads))
+        self._storage: optuna.storages.RDBStorage | None = None
+        self._studies: dict[str, _WorkerStudy] = {}
+        self._data: dict[tuple, Any] = {}
+        self._inherited: dict[str, dict[str, Any]] = {}
+        self._trials_run = 0
+
+    # identity
+
+    def identity(self) -> dict[str, Any]:
+        """Return the node id, host name, process id and worker index stored with each trial."""
+        node_id = "local"
+        restarted = False
+        # a Worker run outside Ray, as in a thread, must not import Ray just to ask
+        ray = sys.modules.get("ray")
+        if ray is not None:
+            if ray.is_initialized():
+                context = ray.get_runtime_context()
+                node_id = context.get_node_id()
+                with warnings.catch_warnings():
+                    # Ray 2.60 reads its own deprecated actor_id inside this property
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    restarted = bool(context.get_actor_id()) and context.was_current_actor_reconstructed
+        return {
+            "node_id": node_id,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "worker": self.index,
+            "restarted": restarted,
+        }
+
+    def _device(self) -> str:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized() and ray.get_gpu_ids():
+            # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned, so cuda means those.
+            # NOTE: this path has not run on a machine with GPUs yet.
+            return "cuda"
+        return "cpu"
+
+    # main loop
+
+    def run(self) -> dict[str, Any]:
+        """Run trials until every stage of the worker's pipelines is done or failed.
+
+        Storage outages, such as a PostgreSQL restart, are logged and waited out. A trial
+        that could not report during an outage is retried, either by the storage's retry
+        callback once its heartbeat is stale or, when it already ended as FAIL, by this worker.
+
+        Returns:
+            :meth:`identity` plus ``trials``, the number of trials this process ran.
+
+        Raises:
+            DataMismatchError: The jets file on this node differs from the registered one.
+        """
+        import torch
+
+        _configure_worker_logging()
+        torch.set_num_threads(self.threads)
+        identity = self.identity()
+        worker_name = f"Worker {self.index} (pid {identity['pid']} on {identity['hostname']})"
+        logger.info(
+            "%s started for pipelines %s%s",
+            worker_name,
+            ", ".join(self.pipelines),
+            " after a restart" if identity["restarted"] else "",
+        )
+
+        outage = _Outage(worker_name)
+        while True:
+            try:
+                if self._storage is None:
+                    self._storage = open_worker_storage(self.settings)
+                step = self._step(identity)
+                outage.recovered()
+            except Exception as error:
+                if not _is_outage(error):
+                    raise
+                time.sleep(outage.failed(error))
+                continue
+            if step == "finished":
+                break
+            if step == "idle":
+                time.sleep(self.settings.poll_interval_s)
+
+        logger.info("%s stopped after %d trials: every stage is done or failed", worker_name, self._trials_run)
+        if self._storage is not None:
+            self._storage.engine.dispose()
+        return {**identity, "trials": self._trials_run}
+
+    def _step(self, identity: Mapping[str, Any]) -> str:
+        """Run one trial of the most urgent open stage and return "ran", "idle" or "finished"."""
+        records = [record for name in self.pipelines for record in stages.load_stage_records(self._storage, name)]
+        if not records or all(record.is_terminal for record in records):
+            return "finished"
+
+        running = [record for record in records if record.state == stages.StageState.RUNNING and record.problem is None]
+        for record in running:
+            study = self._study(record, identity)
+            for number, retry in stages.fail_stale_trials(study, self._storage):
+                _log_stale(record.study_name, number, retry, self.settings.grace_period)
+
+        for record in running:
+            study = self._study(record, identity)
+            if not count_trials(study.get_trials(deepcopy=False)).has_budget(record.budget.n_trials):
+                continue
+            try:
+                self._run_trial(record, study)
+            except BudgetExhausted as exhausted:
+                logger.debug("Skipping stage %s: %s", record.name, exhausted)
+                continue
+            return "ran"
+        return "idle"
+
+    def _study(self, record: StageRecord, identity: Mapping[str, Any]) -> _WorkerStudy:
+        study = self._studies.get(record.study_name)
+        if study is None:
+            attrs = {key: identity[key] for key in ("node_id", "hostname", "pid", "worker")}
+            study = _WorkerStudy(
+                record.study_name,
+                self._storage,
+                sampler=record.space.create_sampler(self.index),
+                pruner=record.space.create_pruner(),
+                trial_attrs=attrs,
+            )
+            self._studies[record.study_name] = study
+        return study
+
+    def _run_trial(self, record: StageRecord, study: _WorkerStudy) -> FrozenTrial:
+        from hpo.objectives import run_trial
+
+        data = self._prepared_data(record)
+        inherited = self._inherited.get(record.study_name)
+        if inherited is None:
+            from hpo.studies import inherited_params
+
+            inherited = inherited_params(self._storage, record.space, record.stage)
+            self._inherited[record.study_name] = inherited
+
+        study.n_trials = record.budget.n_trials
+        frozen = run_trial(study, record.space, record.stage, record.budget, data, inherited=inherited, storage=self._storage)
+        self._trials_run += 1
+        if frozen.state == TrialState.FAIL and str(frozen.user_attrs.get("fail_message", "")).startswith(
+            _STORAGE_FAILURE_PREFIXES
+        ):
+            self._retry_after_storage_failure(study, frozen)
+        return frozen
+
+    def _retry_after_storage_failure(self, study: _WorkerStudy, frozen: FrozenTrial) -> None:
+        # NOTE: run_trial ends a trial as FAIL for every exception of the training, including
+        # a failed trial.report while the database restarts, so the worker re-queues such
+        # trials with the storage's retry callback, as if their heartbeat had gone stale.
+        callback = self._storage.get_heartbeat_stale_trial_callback()
+        if callback is None:
+            return
+
+        # the retry copies the user attributes, but not the reason of this failure
+        failed = self._storage.get_trial(frozen._trial_id)
+        failed.user_attrs = {
+            key: value for key, value in failed.user_attrs.items() if key not in ("fail_reason", "fail_message")
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            callback(study, failed)
+
+        if frozen.number in stages.retried_trial_numbers(study.get_trials(deepcopy=False)):
+            logger.warning(
+                "Trial %d of study %s failed because a storage request failed; re-queued its parameters",
+                frozen.number,
+                study.study_name,
+            )
+        else:
+            logger.warning(
+                "Trial %d of study %s failed because a storage request failed, and its retries ran out",
+                frozen.number,
+                study.study_name,
+            )
+
+    def _prepared_data(self, record: StageRecord):
+        from hpo.objectives import prepare_data
+
+        run = record.run
+        path = self.settings.data_path or run["data_path"]
+        key = (path, run.get("n_jets"), run.get("split_seed", SPLIT_SEED))
+        data = self._data.get(key)
+        if data is None:
+            data = prepare_data(path, seed=key[2], n_jets=key[1], device=self._device())
+            expected = run.get("data_fingerprint")
+            if expected and data.fingerprint != expected:
+                raise DataMismatchError(
+                    f"Jets file {path} on host {socket.gethostname()} has data fingerprint "
+                    f"{data.fingerprint[:12]}, but pipeline {record.pipeline} registered {expected[:12]}. "
+                    f"Make the same jets file available at this path on every node, or pass its path "
+                    f"on this node with 'jethpo worker --data'."
+                )
+            self._data[key] = data
+        return data
+
+
+def _log_stale(study_name: str, number: int, retry: int | None, grace_period: int) -> None:
+    if retry is None:
+        logger.warning(
+            "Failed trial %d of study %s: no heartbeat for more than %d s, and its retries ran out",
+            number,
+            study_name,
+            grace_period,
+        )
+    else:
+        logger.warning(
+            "Failed trial %d of study %s: no heartbeat for more than %d s. Retrying its parameters as trial %d",
+            number,
+            study_name,
+            grace_period,
+            retry,
+        )
+
+
+def _configure_worker_logging() -> None:
+    """Send jethpo's INFO records to the worker process's stderr, which Ray keeps in its logs."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+
+
+# Ray
+
+
+def connect_ray(address: str | None, *, log_to_driver: bool = False) -> bool:
+    """Join the Ray cluster at ``address``, or start a local Ray instance when it is None.
+
+    Ray's own log records below WARNING are dropped, and the output of worker processes
+    stays in Ray's log files unless ``log_to_driver`` is set.
+
+    Returns:
+        Whether a local instance was started.
+
+    Raises:
+        RunError: The cluster cannot be reached.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not address:
+        # Ray 2.60 turns token authentication on for a new local instance anyway and warns
+        # unless the mode is set. Ray reads the mode when it is imported.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+
+    common = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
+    try:
+        if address:
+            ray.init(address=address, **common)
+            logger.info("Joined the Ray cluster at %s: %s", address, _describe_resources(ray.cluster_resources()))
+            return False
+        # "local" starts a new instance even when RAY_ADDRESS or a `ray start` cluster exists
+        ray.init(address="local", include_dashboard=False, **common)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise RunError(f"Failed to start or join {where}: {error}. Check the address and that the cluster is running.") from None
+    logger.info("Started a local Ray instance: %s", _describe_resources(ray.cluster_resources()))
+    return True
+
+
+def _describe_resources(resources: Mapping[str, float]) -> str:
+    return f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
+
+
+def default_worker_count(cluster: Mapping[str, float], trial: Resources) -> int:
+    """Return the default number of workers for a cluster.
+
+    One worker per GPU when trials request GPUs (more when they request a fraction of
+    one), else one per two CPU cores, at least 1, and never more than the cluster can run
+    at once.
+
+    Args:
+        cluster: Total resources of the Ray cluster, ``ray.cluster_resources()``.
+        trial: Resources of one trial.
+    """
+    cpus = float(cluster.get("CPU", 0))
+    gpus = float(cluster.get("GPU", 0))
+    if trial.gpus > 0 and gpus > 0:
+        count = math.floor(gpus / trial.gpus + 1e-9)
+    else:
+        count = math.floor(cpus / 2)
+    return max(1, min(count, _capacity(cluster, trial)))
+
+
+@dataclass
+class WorkerPool:
+    """Worker actors started by one controller.
+
+    Attributes:
+        workers: ``(actor handle, object ref of its run loop)`` per worker.
+        placement_group: Placement group that reserves the workers' resources, or None.
+    """
+
+    workers: list[tuple[Any, Any]]
+    placement_group: Any = None
+
+    def kill(self) -> None:
+        """End every actor without restart and release the placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor, _ in self.workers:
+            ray.kill(actor, no_restart=True)
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+
+def start_workers(
+    count: int,
+    trial: Resources,
+    settings: WorkerSettings,
+    pipelines: Sequence[str],
+    first_index: int = 0,
+) -> WorkerPool:
+    """Start worker actors spread over the cluster's nodes and call their ``run`` loops.
+
+    The workers that fit into the cluster's free resources get one bundle each of a
+    placement group with the SPREAD strategy, so Ray reserves them on as many different
+    nodes as it can, and restarts a worker in its bundle. Workers beyond that wait for
+    resources with the SPREAD scheduling strategy.
+
+    Args:
+        count: Number of workers.
+        trial: Resources of one trial, reserved by each worker.
+        settings: Settings sent to every worker.
+        pipelines: Pipeline names the workers work on.
+        first_index: Index of the first worker.
+
+    Returns:
+        The workers and their placement group.
+    """
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {"CPU": float(trial.cpus)}
+    if trial.gpus > 0:
+        bundle["GPU"] = float(trial.gpus)
+    in_group = min(count, _capacity(ray.available_resources(), trial))
+    group = None
+    if in_group > 0:
+        group = placement_group([bundle] * in_group, strategy="SPREAD")
+        ray.get(group.ready(), timeout=120)
+
+    actor_class = ray.remote(Worker)
+    threads = max(1, math.floor(trial.cpus))
+    workers = []
+    for position, index in enumerate(range(first_index, first_index + count)):
+        strategy: Any = "SPREAD"
+        if group is not None and position < in_group:
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=position)
+        actor = actor_class.options(
+            num_cpus=trial.cpus,
+            num_gpus=trial.gpus,
+            max_restarts=-1,
+            max_task_retries=-1,
+            scheduling_strategy=strategy,
+        ).remote(settings, list(pipelines), index, threads)
+        workers.append((actor, actor.run.remote()))
+    logger.info(
+        "Started %d workers with %g CPUs and %g GPUs each for pipelines %s",
+        count,
+        trial.cpus,
+        trial.gpus,
+        ", ".join(pipelines),
+    )
+    return WorkerPool(workers=workers, placement_group=group)
+
+
+def _capacity(resources: Mapping[str, float], trial: Resources) -> int:
+    """Return how many trials fit into the given resources at once."""
+    limits = [math.floor(float(resources.get("CPU", 0)) / trial.cpus + 1e-9)]
+    if trial.gpus > 0:
+        limits.append(math.floor(float(resources.get("GPU", 0)) / trial.gpus + 1e-9))
+    return max(0, min(limits))
+
+
+def _wait_for_capacity(trial: Resources, timeout_s: float) -> Mapping[str, float]:
+    """Return the cluster's resources once they fit one trial, or after ``timeout_s``.
+
+    A controller may start before the nodes of its cluster have joined, as in
+    docker compose, where the workers' nodes start after the head.
+    """
+    import ray
+
+    cluster = ray.cluster_resources()
+    if _capacity(cluster, trial) > 0 or timeout_s <= 0:
+        return cluster
+    logger.info(
+        "Waiting up to %g s for Ray nodes with %g CPUs and %g GPUs for one trial (the cluster has %s)",
+        timeout_s,
+        trial.cpus,
+        trial.gpus,
+        _describe_resources(cluster),
+    )
+    deadline = time.monotonic() + timeout_s
+    while _capacity(cluster, trial) == 0 and time.monotonic() < deadline:
+        time.sleep(2.0)
+        cluster = ray.cluster_resources()
+    return cluster
+
+
+def _check_capacity(count: int, trial: Resources, cluster: Mapping[str, float]) -> None:
+    if trial.gpus > 0 and float(cluster.get("GPU", 0)) == 0:
+        raise RunError(
+            f"Every trial requests {trial.gpus:g} GPUs, but the Ray cluster has none. Use a profile "
+            f"with gpus: 0, or add nodes with GPUs to the cluster."
+        )
+    capacity = _capacity(cluster, trial)
+    if capacity == 0:
+        raise RunError(
+            f"Every trial requests {trial.cpus:g} CPUs and {trial.gpus:g} GPUs, but the Ray cluster has "
+            f"{_describe_resources(cluster)}. Use a profile that requests fewer, or add nodes."
+        )
+    if count > capacity:
+        logger.warning(
+            "%d workers requested, but the cluster can run %d at once (%s); the others wait for resources",
+            count,
+            capacity,
+            _describe_resources(cluster),
+        )
+
+
+# the controller
+
+
+@dataclass
+class PipelineOutcome:
+    """Result of a controller run.
+
+    Attributes:
+        states: Final state of every stage, by ``(pipeline, stage)``.
+        progress: The last reading of the storage, or None.
+        worker_errors: One message per worker whose loop raised.
+        pending_runs: Object refs of the worker loops that had not returned when the
+            pipelines finished.
+    """
+
+    states: dict[tuple[str, str], stages.StageState] = field(default_factory=dict)
+    progress: Any = None
+    worker_errors: list[str] = field(default_factory=list)
+    pending_runs: list[Any] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every stage is done."""
+        return bool(self.states) and all(state == stages.StageState.DONE for state in self.states.values())
+
+
+def _read_trials(
+    storage: optuna.storages.RDBStorage,
+    records: Sequence[StageRecord],
+    cache: dict[str, optuna.Study],
+) -> dict[str, list[FrozenTrial]]:
+    trials = {}
+    for record in records:
+        study = cache.get(record.study_name)
+        if study is None:
+            try:
+                study = optuna.load_study(study_name=record.study_name, storage=storage)
+            except KeyError:
+                continue
+            cache[record.study_name] = study
+        trials[record.study_name] = study.get_trials(deepcopy=False)
+    return trials
+
+
+def supervise(
+    storage: optuna.storages.RDBStorage,
+    pipelines: Sequence[str],
+    workers: Sequence[tuple[Any, Any]],
+    *,
+    settings: WorkerSettings,
+    monitor: Any,
+    view: Any = None,
+    owner: str | None = None,
+) -> PipelineOutcome:
+    """Drive the pipelines until every stage is done or failed, watching the workers.
+
+    Each round reads the stages and trials, fails stale trials, starts and finishes stages
+    (``hpo.pipeline.advance_pipeline``), logs the changes and redraws the view. Storage
+    outages are waited out.
+
+    Args:
+        storage: Storage of the controller.
+        pipelines: Pipeline names.
+        workers: ``(actor, run ref)`` pairs from :func:`start_workers`.
+        settings: Poll interval and grace period.
+        monitor: A ``hpo.progress.PipelineMonitor``.
+        view: A ``hpo.progress.LiveView``, or None.
+        owner: Name recorded as the claimer of started stages, by default ``host:pid``.
+
+    Returns:
+        The final states.
+
+    Raises:
+        RunError: Every worker stopped before the pipelines finished.
+    """
+    import ray
+
+    from hpo.progress import read_progress
+
+    owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+    pending = [ref for _, ref in workers]
+    outcome = PipelineOutcome()
+    cache: dict[str, optuna.Study] = {}
+    outage = _Outage("The controller")
+    first = True
+    workers_stopped = False
+    records: list[StageRecord] = []
+
+    while True:
+        try:
+            records = [record for name in pipelines for record in stages.load_stage_records(storage, name)]
+            runnable = [record for record in records if record.problem is None]
+            for record in runnable:
+                if record.state == stages.StageState.RUNNING and record.study_name in cache:
+                    stages.fail_stale_trials(cache[record.study_name], storage)
+            trials = _read_trials(storage, runnable, cache)
+            events = []
+            for name in pipelines:
+                events += stages.advance_pipeline(
+                    storage, [record for record in records if record.pipeline == name], owner, trials
+                )
+            if events:
+                records = [record for name in pipelines for record in stages.load_stage_records(storage, name)]
+                trials = _read_trials(storage, [record for record in records if record.problem is None], cache)
+            progress = read_progress(records, trials, workers=len(workers))
+            monitor.update(progress, trials, events)
+            if first:
+                monitor.summarize(progress)
+                first = False
+            if view is not None:
+                view.update(progress)
+            outcome.progress = progress
+            outage.recovered()
+        except Exception as error:
+            if not _is_outage(error):
+                raise
+            time.sleep(outage.failed(error))
+            continue
+
+        outcome.states = {(record.pipeline, record.name): record.state for record in records}
+        if pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            for ref in ready:
+                _collect(ref, outcome)
+        if records and all(record.is_terminal for record in records):
+            outcome.pending_runs = pending
+            return outcome
+        if workers and not pending:
+            if not workers_stopped:
+                # read the storage once more, because another controller may have finished
+                # the last stage after this one read it
+                workers_stopped = True
+                continue
+            raise RunError(
+                "Every worker stopped before the pipeline finished"
+                + (f": {outcome.worker_errors[0]}" if outcome.worker_errors else ".")
+                + " Fix the cause and run the same command again to resume."
+            )
+        time.sleep(settings.poll_interval_s)
+
+
+def _collect(ref: Any, outcome: PipelineOutcome) -> None:
+    import ray
+
+    try:
+        summary = ray.get(ref)
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as error:
+        cause = getattr(error, "cause", None)
+        message = str(cause) if isinstance(cause, RunError) else str(error).strip().splitlines()[-1]
+        logger.error("A worker stopped with an error: %s", message)
+        outcome.worker_errors.append(message)
+        return
+    logger.info(
+        "Worker %s on %s (node %s) finished after %d trials%s",
+        summary["worker"],
+        summary["hostname"],
+        summary["node_id"][:12],
+        summary["trials"],
+        " since Ray restarted it" if summary["restarted"] else "",
+    )
+
+
+def _stop_workers(pool: WorkerPool, outcome: PipelineOutcome, timeout_s: float) -> None:
+    """Wait for the worker loops that are still running to return, log them, and end the actors."""
+    import ray
+
+    pending = list(outcome.pending_runs)
+    if pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
+        for ref in ready:
+            _collect(ref, outcome)
+    if pending:
+        logger.warning("%d workers did not stop within %g s after the pipeline finished; ending them", len(pending), timeout_s)
+    outcome.pending_runs = []
+    pool.kill()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM, as sent by ``docker stop``, into KeyboardInterrupt in the main thread."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:
+        # not the main thread, where signal handlers cannot be set
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def prepare_jets(data: str | None, data_dir: Path, n_jets: int | None, profile_name: str) -> Path:
+    """Return the jets file to use, generating Pythia jets into the data directory if none is given.
+
+    Generated jets go to ``<data_dir>/pythia/jets.hdf5`` with seed 0. A file there that
+    already has at least ``n_jets`` jets is reused, because a pipeline reads the first
+    ``n_jets`` jets and the same seed always generates the same first jets.
+
+    Args:
+        data: Value of ``--data``, or None.
+        data_dir: Data directory.
+        n_jets: The profile's jets, None for all jets of a file.
+        profile_name: Profile name, for messages.
+
+    Raises:
+        RunError: ``--data`` does not exist, or no ``--data`` is given for a profile that
+            reads all jets of a file.
+    """
+    if data is not None:
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise RunError(f"Jets file {str(path)!r} not found. Pass an existing file or directory with --data.")
+        return path.resolve()
+
+    if n_jets is None:
+        raise RunError(
+            f"Profile {profile_name!r} reads every jet of a data set, so it needs --data, such as "
+            f"JetNet's g.hdf5. Or make jets with 'jethpo data generate --jets N --out DIR' and pass that file."
+        )
+    import h5py
+
+    from models.generate import generate_jets
+
+    folder = (Path(data_dir) / GENERATED_JETS_FOLDER).expanduser().resolve()
+    path = folder / "jets.hdf5"
+    if path.exists():
+        try:
+            with h5py.File(path, "r") as jets_file:
+                available = int(jets_file.attrs.get("n_jets", 0))
+        except OSError:
+            available = 0
+        if available >= n_jets:
+            logger.info("Using %d generated jets in %s (the profile needs %d)", available, path, n_jets)
+            return path
+    logger.info(
+        "No --data given: generating %d gluon jets with Pythia 8 into %s. Later runs reuse them.",
+        n_jets,
+        folder,
+    )
+    return Path(generate_jets(n_jets, folder, seed=0)).resolve()
+
+
+def _run_info(path: Path, n_jets: int | None) -> dict[str, Any]:
+    from hpo.objectives import prepare_data
+
+    data = prepare_data(path, seed=SPLIT_SEED, n_jets=n_jets, device="cpu")
+    return {
+        "data_path": str(path),
+        "n_jets": n_jets,
+        "split_seed": SPLIT_SEED,
+        "data_fingerprint": data.fingerprint,
+    }
+
+
+def run_pipeline(
+    settings: WorkerSettings,
+    profile: Profile,
+    *,
+    data: str | None,
+    data_dir: Path,
+    address: str | None = None,
+    workers: int | None = None,
+    families: Sequence[str] | None = None,
+    live: bool = False,
+    log_to_driver: bool = False,
+) -> PipelineOutcome:
+    """Register a profile's pipeline, or resume it, and run it to the end on Ray workers.
+
+    Args:
+        settings: Storage and heartbeat settings.
+        profile: Run profile. The pipeline is named after it.
+        data: Jets file, or None to generate Pythia jets (see :func:`prepare_jets`).
+        data_dir: Data directory for generated jets.
+        address: Ray cluster to join, or None to start a local Ray instance.
+        workers: Number of workers, or None for :func:`default_worker_count`.
+        families: Search spaces to run, or None for all.
+        live: Draw the live progress view on stderr instead of logging each trial.
+        log_to_driver: Show the workers' own log lines on this process's stderr.
+
+    Returns:
+        The final stage states.
+
+    Raises:
+        RunError, StorageError, ConfigError: for invalid input, or when the run cannot go on.
+        KeyboardInterrupt: on Ctrl-C or SIGTERM, after the workers were stopped.
+    """
+    from hpo.progress import LiveView, PipelineMonitor
+    from hpo.studies import load_spaces
+
+    storage = open_worker_storage(settings)
+    plan = stages.plan_pipeline(load_spaces(storage), profile, families)
+    for stage in plan.excluded:
+        if stage.kind == stages.SEARCH:
+            logger.info("Leaving out stage %s: %s", stage.name, stage.excluded)
+    if not plan.runnable:
+        raise RunError(f"Profile {profile.name!r} has no stage that this version of jethpo can run for the chosen search spaces.")
+
+    # pipeline registration, which keeps the state of stages stored before
+    existing = {record.name: record.state for record in stages.load_stage_records(storage, plan.name)}
+    if existing and all(existing.get(stage.name) in (stages.StageState.DONE, stages.StageState.FAILED) for stage in plan.runnable):
+        logger.info("Pipeline %s is already finished; nothing to run", plan.name)
+        return _final_outcome(storage, [plan.name])
+    path = prepare_jets(data, data_dir, profile.n_jets, profile.name)
+    stages.register_pipeline(storage, plan, _run_info(path, profile.n_jets))
+    if existing:
+        logger.info("Resuming pipeline %s from the storage %s", plan.name, mask_password(settings.storage_url))
+    else:
+        logger.info(
+            "Registered pipeline %s with stages %s in %s",
+            plan.name,
+            ", ".join(stage.name for stage in plan.runnable),
+            mask_password(settings.storage_url),
+        )
+
+    return _drive(
+        storage,
+        settings,
+        [plan.name],
+        plan.trial_resources(),
+        address=address,
+        workers=workers,
+        view=LiveView() if live else None,
+        monitor=PipelineMonitor(log_trials=not live),
+        log_to_driver=log_to_driver,
+    )
+
+
+def run_workers(
+    settings: WorkerSettings,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    log_to_driver: bool = False,
+    wait_s: float | None = None,
+) -> PipelineOutcome:
+    """Start workers for every pipeline with unfinished stages and drive them to the end.
+
+    The pipelines, budgets and jets file come from the storage, so this needs no profile.
+    With no unfinished pipeline, it waits for ``jethpo run`` to register one.
+
+    Args:
+        settings: Storage and heartbeat settings.
+        address: Ray cluster to join, or None to start a local Ray instance.
+        workers: Number of workers, or None for :func:`default_worker_count`.
+        log_to_driver: Show the workers' own log lines on this process's stderr.
+        wait_s: Maximum seconds to wait for a pipeline, None for no limit.
+
+    Raises:
+        RunError: No pipeline appeared within ``wait_s``.
+    """
+    from hpo.progress import PipelineMonitor
+
+    storage = open_worker_storage(settings)
+    started = time.monotonic()
+    pipelines = stages.unfinished_pipelines(storage)
+    if not pipelines:
+        logger.info("No pipeline with unfinished stages in the storage yet; waiting for 'jethpo run' to register one")
+    while not pipelines:
+        if wait_s is not None and time.monotonic() - started > wait_s:
+            raise RunError(f"No pipeline with unfinished stages appeared within {wait_s:g} s. Start one with 'jethpo run'.")
+        time.sleep(settings.poll_interval_s)
+        pipelines = stages.unfinished_pipelines(storage)
+
+    budgets = [
+        record.budget
+        for name in pipelines
+        for record in stages.load_stage_records(storage, name)
+        if record.budget is not None and not record.is_terminal
+    ]
+    trial = Resources(
+        cpus=max((budget.resources.cpus for budget in budgets), default=1.0),
+        gpus=max((budget.resources.gpus for budget in budgets), default=0.0),
+    )
+    logger.info("Working on pipelines %s", ", ".join(pipelines))
+    return _drive(
+        storage,
+        settings,
+        pipelines,
+        trial,
+        address=address,
+        workers=workers,
+        view=None,
+        monitor=PipelineMonitor(log_trials=True),
+        log_to_driver=log_to_driver,
+    )
+
+
+def _drive(
+    storage: optuna.storages.RDBStorage,
+    settings: WorkerSettings,
+    pipelines: Sequence[str],
+    trial: Resources,
+    *,
+    address: str | None,
+    workers: int | None,
+    view: Any,
+    monitor: Any,
+    log_to_driver: bool,
+) -> PipelineOutcome:
+    pool: WorkerPool | None = None
+    with _sigterm_as_interrupt():
+        # connect_ray sets environment variables that Ray reads when it is first imported
+        connect_ray(address, log_to_driver=log_to_driver)
+        import ray
+
+        try:
+            cluster = _wait_for_capacity(trial, timeout_s=_NODE_WAIT_S if address else 0)
+            count = workers if workers is not None else default_worker_count(cluster, trial)
+            _check_capacity(count, trial, cluster)
+            pool = start_workers(count, trial, settings, pipelines)
+            if view is not None:
+                with view:
+                    outcome = supervise(storage, pipelines, pool.workers, settings=settings, monitor=monitor, view=view)
+            else:
+                outcome = supervise(storage, pipelines, pool.workers, settings=settings, monitor=monitor)
+            _stop_workers(pool, outcome, timeout_s=settings.poll_interval_s * 3 + 30)
+        finally:
+            if pool is not None:
+                # after an interruption or error, the running trials go stale and are retried
+                pool.kill()
+            ray.shutdown()
+            storage.engine.dispose()
+    return outcome
+
+
+def _final_outcome(storage: optuna.storages.RDBStorage, pipelines: Sequence[str]) -> PipelineOutcome:
+    from hpo.progress import read_progress
+
+    records = [record for name in pipelines for record in stages.load_stage_records(storage, name)]
+    trials = _read_trials(storage, [record for record in records if record.problem is None], {})
+    return PipelineOutcome(
+        states={(record.pipeline, record.name): record.state for record in records},
+        progress=read_progress(records, trials, workers=0),
+    )

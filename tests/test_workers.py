@@ -1,0 +1,673 @@
+"""Ray workers and the ``jethpo run`` controller against a real two-node Ray cluster and PostgreSQL.
+
+One Ray cluster serves the whole module: a head node and a second node, each a ``ray start
+--block`` process with 2 CPUs and its own temp dir, both on this machine. The tests run the
+real ``jethpo run`` command against it, kill worker processes, the controller and the
+PostgreSQL server on purpose, and read the outcome from the database. Orchestration tests
+use a two-stage RealNVP search space whose trials take a few seconds, and the cluster test
+uses the shipped smoke profile. All of them train on the session's Pythia jets.
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+from typer.testing import CliRunner
+
+from hpo.objectives import prepare_data
+from hpo.pipeline import advance_pipeline, count_trials, load_stage_records, plan_pipeline, register_pipeline
+from hpo.spaces import Resources, parse_profile
+from hpo.studies import add_space
+from hpo.cli import app
+from hpo.workers import Worker, WorkerSettings, default_worker_count, start_workers
+from storage import StageState, get_stages, open_storage
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+    pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used"),
+]
+
+RAY = Path(sys.executable).with_name("ray")
+JETHPO = Path(sys.executable).with_name("jethpo")
+
+# Trials of this space train a 2-coupling RealNVP with 16-node layers on 420 jets. With the
+# profile below they took 3 to 7 s each on a 2-core machine running both Ray nodes, long
+# enough to be killed or to meet a database restart mid-trial.
+TINY_SPACE = """
+name: tiny-nf
+description: Two-stage RealNVP search for orchestration tests.
+model: realnvp-flat
+objective: generation
+sampler: {type: random, seed: 0}
+pruner: {type: none}
+stages:
+  - name: first
+    params:
+      lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+    fixed: {n_flows: 2, n_mlp_layers: 1, nodes_1: 16}
+  - name: second
+    inherits: first
+    params:
+      n_flows: {type: int, low: 2, high: 3}
+    fixed: {n_mlp_layers: 1, nodes_1: 16}
+"""
+
+TINY_PROFILE = """
+name: tiny
+n_jets: 600
+models:
+  convae: &budget
+    search: {n_trials: 3, epochs: 150, batch_size: 100, eval_every: 10, resources: {cpus: 1, gpus: 0}}
+    retrain: {epochs: 1, batch_size: 100, eval_every: 1, resources: {cpus: 1, gpus: 0}}
+  realnvp-latent: *budget
+  realnvp-flat: *budget
+"""
+
+HEARTBEAT = ["--heartbeat-interval", "1", "--grace-period", "4"]
+RUN_TIMEOUT_S = 240
+
+
+# Ray cluster
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def free_port_range(size: int = 100) -> tuple[int, int]:
+    """Return a block of ports that were free a moment ago, for a Ray node's worker processes."""
+    for _ in range(50):
+        low = free_port() // size * size
+        if low < 20000:
+            continue
+        free = True
+        for port in range(low, low + size):
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("", port))
+                except OSError:
+                    free = False
+                    break
+        if free:
+            return low, low + size - 1
+    raise RuntimeError("no free block of ports for Ray workers")
+
+
+def stop_process_group(process: subprocess.Popen, timeout_s: float = 5.0) -> None:
+    """Stop a process started with start_new_session=True and everything it started."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    process.wait(timeout=timeout_s)
+
+
+def start_node(arguments: list[str], temp_dir: Path, log: Path, env: dict[str, str]) -> subprocess.Popen:
+    low, high = free_port_range()
+    command = [
+        str(RAY),
+        "start",
+        "--block",
+        *arguments,
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "0",
+        "--object-store-memory",
+        str(200 * 1024**2),
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--min-worker-port",
+        str(low),
+        "--max-worker-port",
+        str(high),
+    ]
+    with open(log, "w") as output:
+        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_for_nodes(address: str, count: int, timeout_s: float = 90.0) -> None:
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if not ray.is_initialized():
+                ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            if sum(node["Alive"] for node in ray.nodes()) >= count:
+                return
+        except (ConnectionError, RuntimeError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the Ray cluster at {address} did not reach {count} nodes in {timeout_s:g} s")
+
+
+@pytest.fixture(scope="module")
+def ray_env():
+    """Environment of every Ray process of the module.
+
+    Token authentication is off. Ray reads RAY_AUTH_MODE once per process, so a test
+    process that imported Ray before this fixture could not join a cluster that requires
+    a token. The cluster listens on this machine only for the module's duration.
+    """
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    previous = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.pop("RAY_ADDRESS", None)
+    yield env
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_env, tmp_path_factory):
+    """Address of a Ray cluster of two nodes with 2 CPUs each, and this process connected to it."""
+    import ray
+
+    folder = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    head = start_node(
+        [
+            "--head",
+            "--port",
+            str(port),
+            "--include-dashboard=false",
+            "--ray-client-server-port",
+            str(free_port()),
+        ],
+        folder / "head",
+        folder / "head.log",
+        ray_env,
+    )
+    nodes = [head]
+    try:
+        wait_for_nodes(address, 1)
+        nodes.append(start_node(["--address", address], folder / "node", folder / "node.log", ray_env))
+        wait_for_nodes(address, 2)
+        yield address
+    finally:
+        ray.shutdown()
+        for process in reversed(nodes):
+            stop_process_group(process)
+
+
+# storage helpers
+
+
+@pytest.fixture(scope="module")
+def jets_path(pythia_jets) -> str:
+    return str(Path(pythia_jets.path).resolve())
+
+
+@pytest.fixture
+def tiny_files(tmp_path) -> tuple[Path, Path]:
+    space = tmp_path / "tiny-nf.yaml"
+    space.write_text(TINY_SPACE)
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text(TINY_PROFILE)
+    return space, profile
+
+
+def admin_engine(url: str) -> sqlalchemy.Engine:
+    return sqlalchemy.create_engine(
+        url,
+        poolclass=sqlalchemy.pool.NullPool,
+        connect_args={"connect_timeout": 5, "application_name": "jethpo-test"},
+    )
+
+
+def reader(url: str):
+    return open_storage(url, heartbeat_interval=None)
+
+
+def query(engine: sqlalchemy.Engine, sql: str, **parameters):
+    try:
+        with engine.connect() as connection:
+            return connection.execute(sqlalchemy.text(sql), parameters).all()
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError):
+        # the database may be restarting, or jethpo has not created its tables yet
+        return []
+
+
+def jethpo_connections(engine: sqlalchemy.Engine, database: str) -> int:
+    rows = query(
+        engine,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = :database AND application_name = 'jethpo'",
+        database=database,
+    )
+    return rows[0][0] if rows else 0
+
+
+def running_trials(engine: sqlalchemy.Engine, min_age_s: float):
+    """Return (study, number, pid) of the RUNNING trials that started at least min_age_s ago.
+
+    Optuna stores datetime_start from the worker's local clock, so the age is computed here
+    on the same machine's clock.
+    """
+    rows = query(
+        engine,
+        """
+        SELECT s.study_name, t.number, a.value_json, t.datetime_start
+        FROM trials t
+        JOIN studies s ON s.study_id = t.study_id
+        JOIN trial_user_attributes a ON a.trial_id = t.trial_id AND a.key = 'pid'
+        WHERE t.state = 'RUNNING'
+        ORDER BY t.trial_id
+        """,
+    )
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=min_age_s)
+    return [(study, number, int(pid)) for study, number, pid, started in rows if started is not None and started < cutoff]
+
+
+def stage_trials(url: str) -> dict[str, list]:
+    storage = reader(url)
+    try:
+        return {
+            study.study_name: storage.get_all_trials(storage.get_study_id_from_name(study.study_name))
+            for study in storage.get_all_studies()
+        }
+    finally:
+        storage.engine.dispose()
+
+
+class Command:
+    """A ``jethpo`` process whose merged stdout and stderr is collected by a thread."""
+
+    def __init__(self, arguments: list[str], env: dict[str, str]) -> None:
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [str(JETHPO), *arguments],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"jethpo did not finish in {timeout_s:g} s. Output:\n{self.output}") from None
+        self._reader.join(timeout=10)
+        # pytest shows the captured output of a failed test in full
+        print(self.output)
+        return code
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self._reader.join(timeout=10)
+        print(self.output)
+
+
+def run_arguments(url: str, data: str, address: str, profile: str, *extra: str) -> list[str]:
+    return ["run", "--profile", profile, "--storage", url, "--data", data, "--address", address, *HEARTBEAT, "--no-progress", *extra]
+
+
+def assert_budgets_used_exactly(url: str, n_trials: dict[str, int]) -> dict[str, list]:
+    trials = stage_trials(url)
+    for study_name, budget in n_trials.items():
+        counts = count_trials(trials[study_name])
+        assert counts.used == budget, f"{study_name}: {counts}"
+        assert counts.running == 0, f"{study_name}: {counts}"
+        assert counts.waiting == 0, f"{study_name}: {counts}"
+    return trials
+
+
+# tests without Ray
+
+
+@pytest.mark.parametrize(
+    ("cluster", "trial", "expected"),
+    [
+        ({"CPU": 2.0}, Resources(cpus=1, gpus=0), 1),
+        ({"CPU": 16.0}, Resources(cpus=1, gpus=0), 8),
+        ({"CPU": 1.0}, Resources(cpus=1, gpus=0), 1),
+        ({"CPU": 16.0, "GPU": 2.0}, Resources(cpus=1, gpus=0), 8),
+        ({"CPU": 16.0, "GPU": 2.0}, Resources(cpus=2, gpus=1), 2),
+        ({"CPU": 16.0, "GPU": 2.0}, Resources(cpus=2, gpus=0.5), 4),
+        ({"CPU": 4.0, "GPU": 4.0}, Resources(cpus=2, gpus=1), 2),
+    ],
+)
+def test_default_worker_count(cluster, trial, expected):
+    assert default_worker_count(cluster, trial) == expected
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--data", "/no/such/jets.hdf5"], "not found"),
+        (["--profile", "paper"], "needs --data"),
+        (["--heartbeat-interval", "5", "--grace-period", "5"], "must be longer than the heartbeat interval"),
+        (["--family", "no-such-family"], "no search space has this name"),
+    ],
+)
+def test_run_rejects_invalid_input(tmp_path, arguments, message):
+    storage = f"sqlite:///{tmp_path / 'jethpo.db'}"
+
+    result = CliRunner().invoke(app, ["run", "--storage", storage, "--data-dir", str(tmp_path), *arguments])
+
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_threaded_workers_share_budget_exactly(fresh_postgres_url, jets_path, tiny_files):
+    space_path, _ = tiny_files
+    storage = open_storage(fresh_postgres_url, heartbeat_interval=1, grace_period=4)
+    space, _ = add_space(storage, space_path)
+    profile = parse_profile(TINY_PROFILE.replace("epochs: 150", "epochs: 20"), "tiny profile")
+    data = prepare_data(jets_path, n_jets=600)
+    register_pipeline(
+        storage,
+        plan_pipeline({"tiny-nf": space}, profile),
+        {"data_path": jets_path, "n_jets": 600, "split_seed": 0, "data_fingerprint": data.fingerprint},
+    )
+    settings = WorkerSettings(fresh_postgres_url, heartbeat_interval=1, grace_period=4, poll_interval_s=0.2)
+    workers = [Worker(settings, ["tiny"], index) for index in range(3)]
+    summaries: list[dict] = []
+    threads = [threading.Thread(target=lambda worker=worker: summaries.append(worker.run())) for worker in workers]
+    for thread in threads:
+        thread.start()
+
+    # the controller's part: move the stages along until both are done
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        records = load_stage_records(storage, "tiny")
+        if all(record.is_terminal for record in records):
+            break
+        advance_pipeline(storage, records, "test-controller")
+        time.sleep(0.2)
+    for thread in threads:
+        thread.join(timeout=60)
+    states = [stage.state for stage in get_stages(storage.engine, "tiny")]
+    storage.engine.dispose()
+
+    assert states == [StageState.DONE] * 2
+    assert len(summaries) == 3
+    assert sum(summary["trials"] for summary in summaries) == 6
+    trials = assert_budgets_used_exactly(fresh_postgres_url, {"tiny-nf.first": 3, "tiny-nf.second": 3})
+    assert len(trials["tiny-nf.first"]) == 3
+    assert len(trials["tiny-nf.second"]) == 3
+    second = trials["tiny-nf.second"][0]
+    best_first = min(
+        (trial for trial in trials["tiny-nf.first"] if trial.state == TrialState.COMPLETE), key=lambda trial: trial.value
+    )
+    assert second.user_attrs["params"]["lr"] == best_first.params["lr"]
+
+
+def test_trial_failed_by_storage_error_is_requeued(fresh_postgres_url, tiny_files, caplog):
+    space_path, _ = tiny_files
+    storage = open_storage(fresh_postgres_url, heartbeat_interval=1, grace_period=4)
+    add_space(storage, space_path)
+    study = optuna.create_study(study_name="tiny-nf.first", storage=storage)
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    trial.set_user_attr("fail_reason", "error")
+    trial.set_user_attr("fail_message", "StorageInternalError: An exception is raised during the commit.")
+    frozen = study.tell(trial, state=TrialState.FAIL)
+    worker = Worker(WorkerSettings(fresh_postgres_url, heartbeat_interval=1, grace_period=4), ["tiny"])
+    worker._storage = storage
+
+    # the private step that run_trial's FAIL result leads to
+    worker._retry_after_storage_failure(study, frozen)
+
+    retry = study.get_trials()[1]
+    storage.engine.dispose()
+    assert retry.state == TrialState.WAITING
+    assert retry.params == frozen.params
+    assert retry.system_attrs["retry_history"] == [0]
+    assert "fail_reason" not in retry.user_attrs
+    assert count_trials(study.get_trials()).used == 0
+    assert "re-queued its parameters" in caplog.text
+
+
+# tests on the Ray cluster
+
+
+def test_workers_start_at_once_on_empty_database(ray_cluster, fresh_postgres_url):
+    import ray
+
+    settings = WorkerSettings(fresh_postgres_url, heartbeat_interval=1, grace_period=4)
+
+    pool = start_workers(4, Resources(cpus=0.5, gpus=0), settings, ["no-such-pipeline"])
+    try:
+        summaries = ray.get([ref for _, ref in pool.workers], timeout=180)
+    finally:
+        pool.kill()
+
+    assert [summary["trials"] for summary in summaries] == [0, 0, 0, 0]
+    assert len({summary["node_id"] for summary in summaries}) == 2
+    storage = open_storage(fresh_postgres_url)
+    tables = set(sqlalchemy.inspect(storage.engine).get_table_names())
+    storage.engine.dispose()
+    assert {"studies", "trials", "trial_heartbeats", "jethpo_stages", "jethpo_spaces", "alembic_version"} <= tables
+
+
+def test_smoke_profile_on_two_nodes_survives_killed_worker(ray_cluster, ray_env, fresh_postgres_url, jets_path):
+    database = make_url(fresh_postgres_url).database
+    admin = admin_engine(fresh_postgres_url)
+    command = Command(run_arguments(fresh_postgres_url, jets_path, ray_cluster, "smoke", "--workers", "2"), ray_env)
+
+    # kill the first worker seen more than a second into a trial, and count connections
+    killed = None
+    connections = []
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while command.process.poll() is None and time.monotonic() < deadline:
+        connections.append(jethpo_connections(admin, database))
+        if killed is None:
+            for study_name, number, pid in running_trials(admin, min_age_s=1.0):
+                os.kill(pid, signal.SIGKILL)
+                killed = (study_name, number, pid)
+                break
+        time.sleep(0.2)
+    code = command.wait(timeout_s=max(deadline - time.monotonic(), 1))
+    admin.dispose()
+
+    assert code == 0, command.output
+    assert killed is not None, command.output
+    smoke_stages = ["convae-gen.loss", "convae-rec.loss", "nf.search", "convae-gen.arch", "convae-rec.arch"]
+    storage = reader(fresh_postgres_url)
+    assert {stage.stage: stage.state for stage in get_stages(storage.engine, "smoke")} == {
+        name: StageState.DONE for name in smoke_stages
+    }
+    storage.engine.dispose()
+    trials = assert_budgets_used_exactly(fresh_postgres_url, {name: 2 for name in smoke_stages})
+
+    # the killed trial failed by its heartbeat, and another worker ran its parameters
+    study_name, number, pid = killed
+    dead = trials[study_name][number]
+    assert dead.state == TrialState.FAIL
+    assert "fail_reason" not in dead.user_attrs
+    retries = [trial for trial in trials[study_name] if trial.system_attrs.get("retry_history", [None])[-1] == number]
+    assert len(retries) == 1
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retries[0].params == dead.params
+    assert retries[0].user_attrs["pid"] != pid
+    assert f"Retrying trial {number} of study {study_name} as trial {retries[0].number}" in command.output
+    assert "since Ray restarted it" in command.output
+
+    # workers ran on both nodes
+    finished = [trial for study in trials.values() for trial in study if trial.state != TrialState.FAIL]
+    assert len({trial.user_attrs["node_id"] for trial in finished}) == 2
+    assert {trial.user_attrs["hostname"] for trial in finished} == {socket.gethostname()}
+
+    # connections: 2 workers and the controller, one each, plus a small constant
+    print(f"jethpo connections to the test database: max {max(connections)} in {len(connections)} samples")
+    assert max(connections) <= 2 + 3, connections
+
+
+def test_killed_controller_resumes_pipeline(ray_cluster, ray_env, fresh_postgres_url, jets_path, tiny_files):
+    space_path, profile_path = tiny_files
+    storage = reader(fresh_postgres_url)
+    add_space(storage, space_path)
+    storage.engine.dispose()
+    admin = admin_engine(fresh_postgres_url)
+    arguments = run_arguments(fresh_postgres_url, jets_path, ray_cluster, str(profile_path), "--family", "tiny-nf", "--workers", "2")
+
+    # kill the controller once the second stage has started trials
+    first = Command(arguments, ray_env)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline and first.process.poll() is None:
+        if any(study == "tiny-nf.second" for study, _, _ in running_trials(admin, min_age_s=0.5)):
+            break
+        time.sleep(0.2)
+    first.kill()
+    before = {stage.stage: stage for stage in get_stages(admin, "tiny")}
+    trials_before = stage_trials(fresh_postgres_url)
+
+    second = Command(arguments, ray_env)
+    code = second.wait(timeout_s=RUN_TIMEOUT_S)
+    admin.dispose()
+
+    assert code == 0, second.output
+    assert before["tiny-nf.first"].state == StageState.DONE, first.output
+    assert before["tiny-nf.second"].state == StageState.RUNNING, first.output
+    assert "Stage tiny-nf.second of pipeline tiny started" in first.output
+    assert "Resuming pipeline tiny" in second.output
+    assert " started with a budget" not in second.output
+
+    # no stage started twice, nothing that had finished ran again
+    storage = reader(fresh_postgres_url)
+    after = {stage.stage: stage for stage in get_stages(storage.engine, "tiny")}
+    storage.engine.dispose()
+    for name in ("tiny-nf.first", "tiny-nf.second"):
+        assert after[name].state == StageState.DONE
+        assert after[name].claimed_at == before[name].claimed_at
+        assert after[name].claimed_by == before[name].claimed_by
+    trials = assert_budgets_used_exactly(fresh_postgres_url, {"tiny-nf.first": 3, "tiny-nf.second": 3})
+    assert [trial.state for trial in trials["tiny-nf.first"]] == [trial.state for trial in trials_before["tiny-nf.first"]]
+    for old in trials_before["tiny-nf.second"]:
+        if old.state.is_finished():
+            assert trials["tiny-nf.second"][old.number].state == old.state
+
+
+def _can_restart_postgres(url: str) -> str | None:
+    """Return why this test cannot restart the PostgreSQL server, or None if it can."""
+    if make_url(url).host not in ("127.0.0.1", "localhost", None):
+        return "the test PostgreSQL server is not on this machine"
+    if shutil.which("pg_ctlcluster") is None or not Path("/etc/postgresql").is_dir():
+        return "pg_ctlcluster is not installed"
+    if getpass.getuser() not in ("root", "postgres"):
+        return "restarting PostgreSQL needs the root or postgres user"
+    return None
+
+
+def test_postgres_restart_during_trials(ray_cluster, ray_env, fresh_postgres_url, jets_path, tiny_files):
+    reason = _can_restart_postgres(fresh_postgres_url)
+    if reason is not None:
+        pytest.skip(f"Cannot restart PostgreSQL: {reason}.")
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    space_path, profile_path = tiny_files
+    storage = reader(fresh_postgres_url)
+    add_space(storage, space_path)
+    storage.engine.dispose()
+    admin = admin_engine(fresh_postgres_url)
+    arguments = run_arguments(fresh_postgres_url, jets_path, ray_cluster, str(profile_path), "--family", "tiny-nf", "--workers", "2")
+
+    # restart while a trial reports an EMD_sum about every half second, so that the next
+    # reports fall into the restart
+    command = Command(arguments, ray_env)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline and command.process.poll() is None:
+        reporting = query(
+            admin,
+            """
+            SELECT t.trial_id FROM trials t
+            JOIN trial_intermediate_values v ON v.trial_id = t.trial_id
+            WHERE t.state = 'RUNNING' GROUP BY t.trial_id HAVING count(*) >= 2
+            """,
+        )
+        if reporting:
+            break
+        time.sleep(0.1)
+    restart = subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    code = command.wait(timeout_s=RUN_TIMEOUT_S)
+    admin.dispose()
+
+    assert restart.returncode == 0, restart.stderr
+    assert code == 0, command.output
+    assert "A worker stopped with an error" not in command.output
+    assert "since Ray restarted it" not in command.output
+    trials = assert_budgets_used_exactly(fresh_postgres_url, {"tiny-nf.first": 3, "tiny-nf.second": 3})
+    retried = [trial for study in trials.values() for trial in study if trial.system_attrs.get("retry_history")]
+    assert retried, command.output
+
+
+def test_worker_command_joins_registered_pipeline(ray_cluster, ray_env, fresh_postgres_url, jets_path, tmp_path):
+    space_path = tmp_path / "tiny-nf.yaml"
+    space_path.write_text(TINY_SPACE)
+    profile_path = tmp_path / "tiny.yaml"
+    profile_path.write_text(TINY_PROFILE.replace("epochs: 150", "epochs: 60"))
+    storage = reader(fresh_postgres_url)
+    add_space(storage, space_path)
+    storage.engine.dispose()
+
+    # the worker command waits for a pipeline, then works on it next to the controller's worker
+    worker = Command(["worker", "--storage", fresh_postgres_url, "--address", ray_cluster, "--workers", "1", *HEARTBEAT], ray_env)
+    time.sleep(2)
+    controller = Command(
+        run_arguments(fresh_postgres_url, jets_path, ray_cluster, str(profile_path), "--family", "tiny-nf", "--workers", "1"),
+        ray_env,
+    )
+    controller_code = controller.wait(timeout_s=RUN_TIMEOUT_S)
+    worker_code = worker.wait(timeout_s=60)
+
+    assert controller_code == 0, controller.output
+    assert worker_code == 0, worker.output
+    assert "Working on pipelines tiny" in worker.output
+    trials = assert_budgets_used_exactly(fresh_postgres_url, {"tiny-nf.first": 3, "tiny-nf.second": 3})
+    pids = {trial.user_attrs["pid"] for study in trials.values() for trial in study}
+    assert len(pids) == 2
