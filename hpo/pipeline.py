@@ -22,7 +22,7 @@ when its budget is used and no trial of it is RUNNING or WAITING.
 Budgets are global across workers. :func:`count_trials` counts a trial toward the budget when
 it is COMPLETE, PRUNED, RUNNING, or FAIL without a retry. A stage has budget left while that
 count is below ``n_trials`` or while WAITING trials exist, which the workers always run. A
-worker checks and asks under :func:`budget_lock`, so the count never exceeds ``n_trials``
+worker counts and requests a trial under :func:`budget_lock`, so the count never exceeds ``n_trials``
 unless WAITING trials were enqueued on top of it.
 
 The search budget, the jets file and the trial resources of a stage are stored in its study's

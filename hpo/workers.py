@@ -21,7 +21,7 @@ progress view. :func:`run_workers`
 
 Every process keeps at most one idle PostgreSQL connection: the storages opened here have a
 pool of one connection plus one overflow connection, which is closed after use. A worker
-holds both for a moment while it asks for a trial, and when a heartbeat coincides with
+uses both for a moment while it requests a trial, and when a heartbeat coincides with
 another request.
 """
 

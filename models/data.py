@@ -620,9 +620,9 @@ def _decode_names(values: np.ndarray) -> list[str]:
     ]
 
 
-def _find_name(names: list[str], wanted: str) -> int | None:
+def _find_name(names: list[str], expected: str) -> int | None:
     lowered = [name.lower() for name in names]
-    return lowered.index(wanted) if wanted in lowered else None
+    return lowered.index(expected) if expected in lowered else None
 
 
 def _plain(value: Any) -> Any:

@@ -49,7 +49,7 @@ def knn_indices(points: Tensor, k: int) -> Tensor:
     itself excluded.
 
     Ties are broken by the lower particle index, whereas torch_cluster leaves the order of
-    tied points to its search. torch_cluster also asks for the k + 1 nearest points and
+    tied points to its search. torch_cluster also searches for the k + 1 nearest points and
     drops the particle itself. When more than k other points coincide with a particle, the
     k + 1 points returned need not include it, and it then keeps k + 1 neighbours. Neither
     difference changes an EdgeConv output while the coinciding points have identical

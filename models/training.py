@@ -104,7 +104,7 @@ def evaluate_convae(
     Args:
         model: The network, switched to eval mode for the call and back afterwards.
         objective: ``"generation"`` scores jets decoded from z ~ N(0, 1), as many as there
-            are validation jets; ``"reconstruction"`` scores the decoded encoder means of
+            are validation jets. ``"reconstruction"`` scores the decoded encoder means of
             the validation jets.
         validation_scaled: ``[n, 30, 3]`` validation jets in network space, on the model's device.
         validation_gev: ``[n, 30, 3]`` (px, py, pz) in GeV, the reference sample.
