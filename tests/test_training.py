@@ -1,5 +1,6 @@
 """Training loops on real Pythia 8 jets: EMD_sum falls, the best state is kept, NaN stops."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -188,3 +189,278 @@ def test_standalone_flow_training_keeps_best_checkpoint(prepared):
     assert np.isfinite(result.best_emd_sum)
     assert result.checkpoint["hyperparameters"] == {"dim": 90, "n_flows": 4, "hidden_sizes": [64]}
     assert result.checkpoint["epoch"] == result.best_epoch
+
+
+# resuming
+
+
+@pytest.fixture(scope="module")
+def few_jets(prepared):
+    """64 training and 24 validation jets of ``prepared``, enough for quick resume checks."""
+    splits, scaler, train, validation, weights = prepared
+    return {
+        "scaler": scaler,
+        "weights": weights,
+        "train": train[:64],
+        "validation": validation[:24],
+        "validation_gev": splits.validation.constituents[:24],
+        "fingerprint": splits.train.fingerprint,
+    }
+
+
+def _convae_run(few_jets, epochs, *, resume=None, on_state=None, callback=None, model_seed=0, **changes):
+    torch.manual_seed(model_seed)
+    model = ConVAE(changes.pop("config", SMALL_CONVAE))
+    settings = {
+        "objective": "generation",
+        "epochs": epochs,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "seed": 7,
+        "data_fingerprint": few_jets["fingerprint"],
+        "eval_every": 1,
+    } | changes
+    result = train_convae(
+        model,
+        few_jets["train"],
+        few_jets["validation"],
+        few_jets["scaler"],
+        few_jets["weights"],
+        resume=resume,
+        on_state=on_state,
+        callback=callback,
+        **settings,
+    )
+    return model, result
+
+
+def _flow_run(few_jets, epochs, *, resume=None, on_state=None, model_seed=0, **changes):
+    torch.manual_seed(model_seed)
+    flow = RealNVP(dim=90, n_flows=changes.pop("n_flows", 4), hidden_sizes=[32])
+    settings = {
+        "epochs": epochs,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "lr_decay": 0.8,
+        "seed": 9,
+        "data_fingerprint": few_jets["fingerprint"],
+        "eval_every": 2,
+    } | changes
+    result = train_realnvp(
+        flow,
+        flatten_jets(few_jets["train"]),
+        unflatten_jets,
+        few_jets["validation_gev"],
+        few_jets["scaler"],
+        resume=resume,
+        on_state=on_state,
+        **settings,
+    )
+    return flow, result
+
+
+def _saved_and_loaded(state, path):
+    torch.save(state, path)
+    return torch.load(path, weights_only=True)
+
+
+def _assert_same_tensors(actual: dict, expected: dict):
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
+def _assert_same_checkpoint(actual: dict, expected: dict):
+    assert actual.keys() == expected.keys()
+    _assert_same_tensors(actual["state_dict"], expected["state_dict"])
+    for key in expected.keys() - {"state_dict"}:
+        assert actual[key] == expected[key], key
+
+
+def _assert_same_adam_state(actual: dict, expected: dict):
+    assert actual["param_groups"] == expected["param_groups"]
+    assert actual["state"].keys() == expected["state"].keys()
+    for index, moments in expected["state"].items():
+        _assert_same_tensors(actual["state"][index], moments)
+
+
+def test_convae_resume_matches_uninterrupted_run(few_jets, tmp_path):
+    whole_states = []
+    whole_model, whole = _convae_run(few_jets, 4, on_state=whole_states.append)
+    first_states = []
+    _convae_run(few_jets, 2, on_state=first_states.append)
+    state = _saved_and_loaded(first_states[-1], tmp_path / "state.pt")
+
+    # other initial weights and another global RNG state, which the resume must overwrite
+    torch.manual_seed(12345)
+    resumed_states = []
+    resumed_model, resumed = _convae_run(
+        few_jets, 4, resume=state, on_state=resumed_states.append, model_seed=99
+    )
+
+    assert state["epoch"] == 2
+    assert [epoch for epoch, _ in resumed.history] == [1, 2, 3, 4]
+    assert resumed.history == whole.history
+    assert resumed.best_epoch == whole.best_epoch
+    assert resumed.best_emd_sum == whole.best_emd_sum
+    _assert_same_tensors(resumed_model.state_dict(), whole_model.state_dict())
+    _assert_same_checkpoint(resumed.checkpoint, whole.checkpoint)
+    _assert_same_adam_state(resumed_states[-1]["optimizer"], whole_states[-1]["optimizer"])
+    assert [saved["epoch"] for saved in resumed_states] == [3, 4]
+
+
+def test_realnvp_resume_matches_uninterrupted_run(few_jets, tmp_path):
+    whole_states = []
+    whole_flow, whole = _flow_run(few_jets, 4, on_state=whole_states.append)
+    first_states = []
+    _flow_run(few_jets, 2, on_state=first_states.append)
+    state = _saved_and_loaded(first_states[-1], tmp_path / "state.pt")
+
+    torch.manual_seed(12345)
+    resumed_states = []
+    resumed_flow, resumed = _flow_run(
+        few_jets, 4, resume=state, on_state=resumed_states.append, model_seed=99
+    )
+
+    assert [epoch for epoch, _ in resumed.history] == [2, 4]
+    assert resumed.history == whole.history
+    assert resumed.best_epoch == whole.best_epoch
+    _assert_same_tensors(resumed_flow.state_dict(), whole_flow.state_dict())
+    _assert_same_checkpoint(resumed.checkpoint, whole.checkpoint)
+    _assert_same_adam_state(resumed_states[-1]["optimizer"], whole_states[-1]["optimizer"])
+    # lr 1e-3 decayed by 0.8 after each of the 4 epochs
+    assert resumed_states[-1]["lr_scheduler"]["_last_lr"] == pytest.approx([1e-3 * 0.8**4])
+    assert resumed_states[-1]["lr_scheduler"] == whole_states[-1]["lr_scheduler"]
+
+
+def test_resume_leaves_state_unchanged(few_jets):
+    states = []
+    _convae_run(few_jets, 1, on_state=states.append)
+    state = states[-1]
+    adam_moments = state["optimizer"]["state"]
+    moments_before = {index: moments["exp_avg"].clone() for index, moments in adam_moments.items()}
+
+    _convae_run(few_jets, 2, resume=state)
+
+    for index, moments in state["optimizer"]["state"].items():
+        assert torch.equal(moments["exp_avg"], moments_before[index]), index
+
+
+def test_on_state_follows_callback_and_keeps_best(few_jets):
+    events = []
+    states = []
+
+    def keep(state):
+        events.append(("state", state["epoch"]))
+        states.append(state)
+
+    _, result = _convae_run(
+        few_jets, 2, on_state=keep, callback=lambda epoch, value: events.append(("callback", epoch))
+    )
+
+    assert events == [("callback", 1), ("state", 1), ("callback", 2), ("state", 2)]
+    assert states[-1]["best"] is result.checkpoint
+    assert states[-1]["best_epoch"] == result.best_epoch
+    assert states[-1]["history"] == [[epoch, value] for epoch, value in result.history]
+    assert states[-1]["emd_sum"] == result.history[-1][1]
+
+
+def test_resume_at_last_epoch_trains_nothing(few_jets):
+    states = []
+    _, finished = _convae_run(few_jets, 2, on_state=states.append)
+
+    model, result = _convae_run(few_jets, 2, resume=states[-1], model_seed=99)
+
+    assert result.history == finished.history
+    assert result.best_epoch == finished.best_epoch
+    _assert_same_tensors(model.state_dict(), states[-1]["state_dict"])
+
+
+def test_resume_past_requested_epochs_raises(few_jets):
+    states = []
+    _convae_run(few_jets, 2, on_state=states.append)
+
+    with pytest.raises(ValueError, match="at epoch 2, past the 1 epochs"):
+        _convae_run(few_jets, 1, resume=states[-1])
+
+
+@pytest.fixture(scope="module")
+def convae_state(few_jets):
+    states = []
+    _convae_run(few_jets, 1, on_state=states.append)
+    return states[-1]
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"seed": 8}, "'seed'"),
+        ({"data_fingerprint": "0" * 64}, "'data_fingerprint'"),
+        ({"config": dataclasses.replace(SMALL_CONVAE, latent_dim=6)}, "'hyperparameters'"),
+        ({"objective": "reconstruction"}, "'objective'"),
+        ({"lr": 1e-3}, "'lr'"),
+        ({"batch_size": 32}, "'batch_size'"),
+    ],
+    ids=["seed", "data", "hyperparameters", "objective", "lr", "batch size"],
+)
+def test_convae_resume_rejects_other_run(few_jets, convae_state, changes, key):
+    with pytest.raises(ValueError, match=f"resume state does not match this ConVAE training run: {key}"):
+        _convae_run(few_jets, 2, resume=convae_state, **changes)
+
+
+def test_realnvp_resume_rejects_convae_state(few_jets, convae_state):
+    with pytest.raises(ValueError, match="'kind' is 'convae' in the state but 'realnvp' here"):
+        _flow_run(few_jets, 2, resume=convae_state)
+
+
+def test_realnvp_resume_rejects_other_flow_size(few_jets):
+    states = []
+    _flow_run(few_jets, 2, on_state=states.append)
+
+    with pytest.raises(ValueError, match="'hyperparameters'"):
+        _flow_run(few_jets, 4, resume=states[-1], n_flows=6)
+
+
+def test_latent_flow_resume_rejects_other_convae(few_jets):
+    def latent_run(convae_seed, epochs, resume=None, on_state=None):
+        torch.manual_seed(convae_seed)
+        convae = ConVAE(SMALL_CONVAE)
+        with torch.no_grad():
+            latents = convae.encode(few_jets["train"])[0]
+        torch.manual_seed(0)
+        flow = RealNVP(dim=SMALL_CONVAE.latent_dim, n_flows=2, hidden_sizes=[16])
+        latent_model = {
+            "hyperparameters": dataclasses.asdict(convae.config),
+            "state_dict": convae.state_dict(),
+        }
+        return train_realnvp(
+            flow,
+            latents,
+            convae.decode,
+            few_jets["validation_gev"],
+            few_jets["scaler"],
+            epochs=epochs,
+            batch_size=16,
+            lr=1e-3,
+            seed=3,
+            data_fingerprint=few_jets["fingerprint"],
+            eval_every=1,
+            extra_checkpoint={"latent_model": latent_model},
+            resume=resume,
+            on_state=on_state,
+        )
+
+    states = []
+    latent_run(convae_seed=1, epochs=1, on_state=states.append)
+
+    resumed = latent_run(convae_seed=1, epochs=2, resume=states[-1])
+    assert [epoch for epoch, _ in resumed.history] == [1, 2]
+    with pytest.raises(ValueError, match="'latent_model'"):
+        latent_run(convae_seed=2, epochs=2, resume=states[-1])
+
+
+def test_resume_rejects_state_without_optimizer(few_jets, convae_state):
+    incomplete = {key: value for key, value in convae_state.items() if key != "optimizer"}
+
+    with pytest.raises(ValueError, match="missing 'optimizer'"):
+        _convae_run(few_jets, 2, resume=incomplete)
