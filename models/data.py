@@ -25,7 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.jets import N_PARTICLES, constituents_from_relative
+from models.jets import (
+    N_PARTICLES,
+    constituents_from_relative,
+    jet_kinematics_numpy,
+    relative_coordinates,
+)
 
 __all__ = [
     "FEATURE_NAMES",
@@ -37,6 +42,7 @@ __all__ = [
     "Splits",
     "split_jets",
     "MinMaxScaler",
+    "write_jetnet_jets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -650,6 +656,139 @@ def _canonical_order(constituents: np.ndarray, mask: np.ndarray) -> tuple[np.nda
     mask = np.take_along_axis(mask, order, axis=1)
     constituents[~mask] = 0.0
     return constituents, mask
+
+
+# writer
+
+
+def write_jetnet_jets(
+    path: str | os.PathLike[str],
+    constituents_gev: np.ndarray,
+    mask: np.ndarray | None,
+    attrs: Mapping[str, Any],
+) -> Path:
+    """Write jets in JetNet's layout, with the absolute constituents alongside.
+
+    The file contains these float32 datasets, each constituent ordered by decreasing pT
+    and padding last, as in JetNet's files:
+
+    - ``particle_features`` ``[n_jets, n_particles, 4]``: etarel, phirel, ptrel, mask, relative
+      to the jet built from the real constituents.
+    - ``jet_features`` ``[n_jets, 4]``: pt in GeV, eta, mass in GeV, num_particles.
+    - ``constituents`` ``[n_jets, n_particles, 3]``: px, py, pz in GeV. JetNet's layout stores
+      no jet phi, so this dataset keeps each jet's orientation. :func:`read_jets` reads it
+      as the jethpo layout, while JetNet tools read the first two datasets.
+
+    ``attrs`` become the file attributes. Strings, numbers and booleans are stored as they
+    are, and dicts, lists, tuples and None as JSON text. The file is written under a
+    temporary name in the same folder and then renamed, so ``path`` is either complete or
+    left as it was. Parent folders are created.
+
+    Args:
+        path: The HDF5 file to write, replaced if it exists.
+        constituents_gev: ``[n_jets, n_particles, 3]`` (px, py, pz) in GeV.
+        mask: ``[n_jets, n_particles]``, true for real constituents, or None to take every
+            constituent with nonzero pT as real (generated jets rarely contain exact zeros).
+            Constituents outside the mask are written as zeros.
+        attrs: File attributes, such as the model, the checkpoint and the seed.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        JetDataError: The shapes are wrong, a real constituent is NaN or infinite, or a jet
+            has no real constituents. Nothing is written then.
+        TypeError: An attribute key is not a non-empty string, or a value cannot be stored.
+    """
+    path = Path(path)
+    constituents = np.asarray(constituents_gev, dtype=np.float64)
+    wrong_shape = constituents.ndim != 3 or constituents.shape[-1] != len(FEATURE_NAMES)
+    if wrong_shape or len(constituents) == 0:
+        raise JetDataError(
+            f"{path}: cannot write jets of shape {constituents.shape}, expected "
+            f"[n_jets, n_particles, 3] (px, py, pz) in GeV with at least one jet"
+        )
+    if mask is None:
+        mask = ~(np.hypot(constituents[..., 0], constituents[..., 1]) == 0)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != constituents.shape[:2]:
+        raise JetDataError(
+            f"{path}: cannot write jets: mask has shape {mask.shape}, but the constituents have "
+            f"shape {constituents.shape}, expected [n_jets, n_particles]"
+        )
+    stored_attrs = _storable_attrs(path, attrs)
+
+    # checks on the real constituents only, because padding is written as zeros
+    constituents = np.where(mask[..., None], constituents, 0.0)
+    bad_jets = np.flatnonzero(~np.isfinite(constituents).all(axis=(1, 2)))
+    if len(bad_jets):
+        raise JetDataError(
+            f"{path}: {len(bad_jets)} of {len(constituents)} jets contain NaN or infinite "
+            f"constituents (first rows {bad_jets[:5].tolist()}), so the file was not written. "
+            f"The model that produced them has diverged. Use another checkpoint."
+        )
+    empty_jets = np.flatnonzero(~mask.any(axis=1))
+    if len(empty_jets):
+        raise JetDataError(
+            f"{path}: {len(empty_jets)} of {len(constituents)} jets have no real constituents "
+            f"(first rows {empty_jets[:5].tolist()}), so the file was not written. Pass a mask "
+            f"with at least one real constituent per jet."
+        )
+
+    # JetNet's features from the ordered float32 jets, so that they match what is stored
+    constituents, mask = _canonical_order(constituents, mask)
+    relative = relative_coordinates(constituents, mask)
+    kinematics = jet_kinematics_numpy(constituents)
+    particle_features = np.concatenate([relative, mask[..., None]], axis=-1).astype(np.float32)
+    jet_features = np.stack(
+        [kinematics["pt"], kinematics["eta"], kinematics["mass"], mask.sum(axis=1)], axis=-1
+    ).astype(np.float32)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(temporary, "w") as file:
+            dataset = file.create_dataset("particle_features", data=particle_features)
+            dataset.attrs["features"] = ",".join(_JETNET_PARTICLE_FEATURES)
+            dataset = file.create_dataset("jet_features", data=jet_features)
+            dataset.attrs["features"] = ",".join(_JETNET_JET_FEATURES)
+            dataset.attrs["unit"] = "GeV for pt and mass"
+            dataset = file.create_dataset("constituents", data=constituents)
+            dataset.attrs["features"] = ",".join(FEATURE_NAMES)
+            dataset.attrs["unit"] = "GeV"
+            for key, value in stored_attrs.items():
+                file.attrs[key] = value
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+    logger.info("Wrote %d jets to %s", len(constituents), path)
+    return path
+
+
+def _storable_attrs(path: Path, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Convert attribute values to what HDF5 stores: scalars as they are, containers and
+    None as JSON text."""
+    stored = {}
+    for key, value in attrs.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(
+                f"{path}: attribute key {key!r} is invalid, expected a non-empty string"
+            )
+        if isinstance(value, (str, bool, int, float, np.integer, np.floating, np.bool_)):
+            stored[key] = value
+            continue
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        try:
+            stored[key] = json.dumps(value, sort_keys=True)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"{path}: attribute {key!r} has a value of type {type(value).__name__} that "
+                f"cannot be stored ({error}). Pass a string, number, bool, or a JSON-serialisable "
+                f"dict or list."
+            ) from error
+    return stored
 
 
 # split

@@ -1,4 +1,5 @@
-"""Tests for models.data: the three file layouts, input errors, the split and the scaler."""
+"""Tests for models.data: the three file layouts, input errors, the split, the scaler and the
+JetNet writer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import MIN_JETS, JetData, JetDataError, MinMaxScaler, read_jets, split_jets
+from models.data import (
+    MIN_JETS,
+    JetData,
+    JetDataError,
+    MinMaxScaler,
+    read_jets,
+    split_jets,
+    write_jetnet_jets,
+)
 from models.jets import jet_kinematics_numpy, relative_coordinates
 
 # A two-particle JetNet jet with pT 1000 GeV and eta 0.5, rebuilt around jet phi = 0. Its
@@ -789,3 +798,218 @@ def test_error_jets_without_constituents(tmp_path):
     path = write_jethpo(tmp_path / "jets.hdf5", constituents, mask)
 
     assert_error(path, "1 of 10 jets have no constituents", "row 3")
+
+
+# JetNet writer
+
+# Two massless 500 GeV particles at eta +0.1 and -0.1, both at phi = 1 rad: a jet of pT
+# 1000 GeV at eta 0 and phi 1, with m^2 = 2 * 500 * 500 * (cosh(0.2) - 1) = 10033.378 GeV^2.
+# Each particle has (px, py, pz) = 500 * (cos 1, sin 1, sinh(+-0.1)) in GeV.
+PAIR_CONSTITUENTS = [
+    (270.1511529, 420.7354924, 50.0833750),
+    (270.1511529, 420.7354924, -50.0833750),
+]
+PAIR_MASS = 100.1667500
+
+
+def pair_jets(n_jets: int = MIN_JETS) -> tuple[np.ndarray, np.ndarray]:
+    constituents = np.zeros((n_jets, 30, 3))
+    constituents[:, :2] = PAIR_CONSTITUENTS
+    mask = np.zeros((n_jets, 30), dtype=bool)
+    mask[:, :2] = True
+    return constituents, mask
+
+
+def test_writer_jetnet_features_of_pair(tmp_path):
+    path = write_jetnet_jets(tmp_path / "pair.hdf5", *pair_jets(), attrs={})
+
+    with h5py.File(path, "r") as file:
+        particle_features = file["particle_features"][()]
+        jet_features = file["jet_features"][()]
+
+    assert particle_features.shape == (MIN_JETS, 30, 4)
+    assert particle_features.dtype == np.float32
+    expected_particles = [(0.1, 0.0, 0.5, 1.0), (-0.1, 0.0, 0.5, 1.0)]
+    np.testing.assert_allclose(particle_features[0, :2], expected_particles, atol=1e-6)
+    assert not particle_features[0, 2:].any()
+    assert jet_features.shape == (MIN_JETS, 4)
+    np.testing.assert_allclose(jet_features[0], [1000.0, 0.0, PAIR_MASS, 2.0], rtol=1e-5, atol=1e-6)
+
+
+def test_writer_round_trip_keeps_jet_phi(tmp_path):
+    constituents, mask = pair_jets()
+    path = write_jetnet_jets(tmp_path / "pair.hdf5", constituents, mask, attrs={})
+
+    data = read_jets(path)
+    kinematics = jet_kinematics_numpy(data.constituents)
+
+    np.testing.assert_allclose(data.constituents, constituents, rtol=1e-6, atol=1e-4)
+    np.testing.assert_array_equal(data.mask, mask)
+    np.testing.assert_allclose(kinematics["phi"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(kinematics["mass"], PAIR_MASS, rtol=1e-5)
+
+
+def test_writer_jetnet_datasets_alone(tmp_path):
+    constituents, mask = pair_jets()
+    path = write_jetnet_jets(tmp_path / "g.hdf5", constituents, mask, attrs={})
+    with h5py.File(path, "a") as file:
+        del file["constituents"]
+
+    data = read_jets(path)
+    kinematics = jet_kinematics_numpy(data.constituents)
+
+    assert data.source == "jetnet"
+    np.testing.assert_allclose(kinematics["mass"], PAIR_MASS, rtol=1e-5)
+    np.testing.assert_allclose(kinematics["pt"], 1000.0, rtol=1e-6)
+    np.testing.assert_allclose(kinematics["eta"], 0.0, atol=1e-6)
+    # JetNet stores no jet phi, so the reader rotates every jet to phi = 0
+    np.testing.assert_allclose(kinematics["phi"], 0.0, atol=1e-6)
+
+
+def test_writer_round_trip_pythia_jets(tmp_path, pythia_jets):
+    path = write_jetnet_jets(
+        tmp_path / "jets.hdf5", pythia_jets.constituents, pythia_jets.mask, attrs={"seed": 3}
+    )
+
+    data = read_jets(path)
+
+    assert len(data) == len(pythia_jets)
+    np.testing.assert_array_equal(data.constituents, pythia_jets.constituents)
+    np.testing.assert_array_equal(data.mask, pythia_jets.mask)
+    assert data.fingerprint == pythia_jets.fingerprint
+
+
+def test_writer_jet_features_match_kinematics(tmp_path, pythia_jets):
+    path = write_jetnet_jets(
+        tmp_path / "jets.hdf5", pythia_jets.constituents, pythia_jets.mask, attrs={}
+    )
+    kinematics = jet_kinematics_numpy(pythia_jets.constituents)
+
+    with h5py.File(path, "r") as file:
+        jet_features = file["jet_features"][()]
+        ptrel = file["particle_features"][..., 2]
+
+    np.testing.assert_allclose(jet_features[:, 0], kinematics["pt"], rtol=1e-5)
+    np.testing.assert_allclose(jet_features[:, 1], kinematics["eta"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jet_features[:, 2], kinematics["mass"], rtol=1e-4)
+    np.testing.assert_array_equal(jet_features[:, 3], pythia_jets.mask.sum(axis=1))
+    # massless constituents' pT fractions add up to more than 1 unless they are collinear
+    assert (ptrel.sum(axis=1) >= 1.0 - 1e-5).all()
+
+
+def test_writer_orders_constituents_by_pt(tmp_path):
+    constituents, mask = generated_jets(MIN_JETS, seed=4)
+    reversed_constituents = constituents[:, ::-1]
+    reversed_mask = mask[:, ::-1]
+
+    path = write_jetnet_jets(tmp_path / "jets.hdf5", reversed_constituents, reversed_mask, attrs={})
+    with h5py.File(path, "r") as file:
+        stored = file["constituents"][()]
+        stored_mask = file["particle_features"][..., 3] > 0.5
+
+    np.testing.assert_allclose(stored, constituents, rtol=1e-6)
+    np.testing.assert_array_equal(stored_mask, mask)
+
+
+def test_writer_without_mask_counts_nonzero_pt(tmp_path):
+    constituents, mask = generated_jets(MIN_JETS, seed=5)
+
+    path = write_jetnet_jets(tmp_path / "jets.hdf5", constituents, None, attrs={})
+    data = read_jets(path)
+
+    np.testing.assert_array_equal(data.mask, mask)
+
+
+def test_writer_zeroes_masked_constituents(tmp_path):
+    constituents, mask = pair_jets()
+    constituents[:, 5] = (np.nan, 7.0, 7.0)
+
+    path = write_jetnet_jets(tmp_path / "pair.hdf5", constituents, mask, attrs={})
+    data = read_jets(path)
+
+    assert not data.constituents[:, 2:].any()
+    assert data.mask.sum() == 2 * MIN_JETS
+
+
+def test_writer_stores_attrs(tmp_path):
+    attrs = {
+        "model": "convae-nf",
+        "seed": 7,
+        "batch_size": np.int64(512),
+        "temperature": 1.0,
+        "complete": True,
+        "settings": {"n_jets": 10, "device": "cpu"},
+        "checkpoint": None,
+    }
+
+    path = write_jetnet_jets(tmp_path / "jets.hdf5", *pair_jets(), attrs=attrs)
+    data = read_jets(path)
+
+    stored = data.metadata["attrs"]
+    assert stored["model"] == "convae-nf"
+    assert stored["seed"] == 7
+    assert stored["batch_size"] == 512
+    assert stored["temperature"] == 1.0
+    assert stored["complete"] is True
+    assert stored["checkpoint"] == "null"
+    assert data.metadata["settings"] == {"n_jets": 10, "device": "cpu"}
+
+
+def test_writer_replaces_file_atomically(tmp_path):
+    path = tmp_path / "out" / "jets.hdf5"
+    constituents, mask = pair_jets()
+    write_jetnet_jets(path, constituents, mask, attrs={"seed": 1})
+
+    write_jetnet_jets(path, 2 * constituents, mask, attrs={"seed": 2})
+    data = read_jets(path)
+
+    assert sorted(child.name for child in path.parent.iterdir()) == ["jets.hdf5"]
+    assert data.metadata["attrs"]["seed"] == 2
+    masses = jet_kinematics_numpy(data.constituents)["mass"]
+    np.testing.assert_allclose(masses, 2 * PAIR_MASS, rtol=1e-5)
+
+
+def test_writer_rejects_nan_jets(tmp_path):
+    constituents, mask = pair_jets()
+    constituents[3, 1, 2] = np.nan
+    path = tmp_path / "jets.hdf5"
+
+    with pytest.raises(JetDataError) as raised:
+        write_jetnet_jets(path, constituents, mask, attrs={})
+
+    message = str(raised.value)
+    assert str(path) in message
+    assert "1 of 10 jets" in message
+    assert "[3]" in message
+    assert not path.exists()
+
+
+def test_writer_rejects_empty_jet(tmp_path):
+    constituents, mask = pair_jets()
+    mask[4] = False
+
+    with pytest.raises(JetDataError, match=r"1 of 10 jets have no real constituents"):
+        write_jetnet_jets(tmp_path / "jets.hdf5", constituents, mask, attrs={})
+
+
+@pytest.mark.parametrize(
+    ("constituents", "mask", "phrase"),
+    [
+        (np.ones((4, 30, 4)), None, "shape (4, 30, 4)"),
+        (np.ones((0, 30, 3)), None, "at least one jet"),
+        (np.ones((4, 30, 3)), np.ones((4, 20), dtype=bool), "mask has shape (4, 20)"),
+    ],
+)
+def test_writer_rejects_bad_shapes(tmp_path, constituents, mask, phrase):
+    path = tmp_path / "jets.hdf5"
+
+    with pytest.raises(JetDataError) as raised:
+        write_jetnet_jets(path, constituents, mask, attrs={})
+
+    assert phrase in str(raised.value)
+    assert str(path) in str(raised.value)
+
+
+def test_writer_rejects_unstorable_attr(tmp_path):
+    with pytest.raises(TypeError, match=r"attribute 'scaler' has a value of type object"):
+        write_jetnet_jets(tmp_path / "jets.hdf5", *pair_jets(), attrs={"scaler": object()})
