@@ -42,12 +42,18 @@ __all__ = [
     "claim_stage",
     "create_tables",
     "finish_stage",
+    "get_outputs",
     "get_stages",
     "load_spaces",
     "metadata",
+    "outputs_table",
+    "reclaim_stage",
+    "reset_stages",
     "save_space",
+    "set_output",
     "spaces_table",
     "stages_table",
+    "touch_stage",
     "upsert_stage",
 ]
 
@@ -97,6 +103,17 @@ stages_table = Table(
     ),
 )
 """Pipeline stages, one row per (pipeline, stage), with the worker that claimed each."""
+
+outputs_table = Table(
+    "jethpo_outputs",
+    metadata,
+    Column("pipeline", String(255), nullable=False),
+    Column("stage", String(255), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("pipeline", "stage", name="jethpo_outputs_pkey"),
+)
+"""What each finished pipeline step produced: artifact ids, metrics, or why it failed."""
 
 
 class SpaceConflictError(ValueError):
@@ -322,7 +339,9 @@ def finish_stage(
     stage: str,
     state: StageState | str,
     checkpoint: str | None = None,
-) -> None:
+    *,
+    owner: str | None = None,
+) -> bool:
     """Set a stage to done or failed, and record its checkpoint if one is given.
 
     Args:
@@ -332,6 +351,11 @@ def finish_stage(
         state: ``done`` or ``failed``.
         checkpoint: Artifact path or id of the stage's result. ``None`` keeps the
             stored checkpoint.
+        owner: If given, the stage is finished only while ``owner`` holds its claim, so a
+            claimer whose stage was reclaimed after a stall cannot finish it.
+
+    Returns:
+        Whether the stage was finished. Only False when ``owner`` lost the claim.
 
     Raises:
         ValueError: ``state`` is not ``done`` or ``failed``.
@@ -347,11 +371,115 @@ def finish_stage(
     values: dict[str, object] = {"state": StageState(state).value, "updated_at": _utc_now()}
     if checkpoint is not None:
         values["checkpoint"] = checkpoint
+    condition = _stage_key(pipeline, stage)
+    if owner is not None:
+        condition = condition & (stages_table.c.claimed_by == owner)
     with engine.begin() as connection:
-        result = connection.execute(
-            update(stages_table).where(_stage_key(pipeline, stage)).values(**values)
-        )
+        result = connection.execute(update(stages_table).where(condition).values(**values))
     if result.rowcount == 0:
+        if owner is not None and any(row.stage == stage for row in get_stages(engine, pipeline)):
+            logger.warning("Stage %r of pipeline %r was reclaimed from %s before it finished", stage, pipeline, owner)
+            return False
         raise StageNotFoundError(pipeline, stage)
 
     logger.info("Stage %r of pipeline %r finished as %s", stage, pipeline, StageState(state).value)
+    return True
+
+
+def touch_stage(engine: Engine, pipeline: str, stage: str, owner: str) -> bool:
+    """Record that the claimer of a running stage is alive, by setting ``updated_at`` to now.
+
+    Returns:
+        Whether ``owner`` still holds the claim of the running stage.
+    """
+    statement = (
+        update(stages_table)
+        .where(
+            _stage_key(pipeline, stage)
+            & (stages_table.c.state == StageState.RUNNING.value)
+            & (stages_table.c.claimed_by == owner)
+        )
+        .values(updated_at=_utc_now())
+    )
+    with engine.begin() as connection:
+        return connection.execute(statement).rowcount == 1
+
+
+def reclaim_stage(engine: Engine, pipeline: str, stage: str, owner: str, stale_before: datetime) -> bool:
+    """Take over a running stage whose claimer stopped touching it before ``stale_before``.
+
+    Like :func:`claim_stage`, this is one conditional UPDATE, so of several processes that
+    find the same stale stage exactly one takes it over.
+
+    Args:
+        engine: Engine of the storage.
+        pipeline: Pipeline name.
+        stage: Stage name.
+        owner: The new claimer.
+        stale_before: Timezone-aware time; the stage's ``updated_at`` must be older.
+
+    Returns:
+        Whether this call took the stage over.
+    """
+    now = _utc_now()
+    statement = (
+        update(stages_table)
+        .where(
+            _stage_key(pipeline, stage)
+            & (stages_table.c.state == StageState.RUNNING.value)
+            & (stages_table.c.updated_at < stale_before)
+        )
+        .values(claimed_by=owner, claimed_at=now, updated_at=now)
+    )
+    with engine.begin() as connection:
+        taken = connection.execute(statement).rowcount == 1
+    if taken:
+        logger.info("Stage %r of pipeline %r reclaimed by %s after its claimer stopped", stage, pipeline, owner)
+    return taken
+
+
+def reset_stages(engine: Engine, pipeline: str, stages: Sequence[str]) -> int:
+    """Set stages back to pending and drop their claims, so that they run again.
+
+    Returns:
+        The number of stages reset.
+    """
+    if not stages:
+        return 0
+    statement = (
+        update(stages_table)
+        .where((stages_table.c.pipeline == pipeline) & stages_table.c.stage.in_(list(stages)))
+        .values(state=StageState.PENDING.value, claimed_by=None, claimed_at=None, updated_at=_utc_now())
+    )
+    with engine.begin() as connection:
+        return connection.execute(statement).rowcount
+
+
+def set_output(engine: Engine, pipeline: str, stage: str, payload: dict) -> None:
+    """Store what a step produced, replacing an earlier output of the same step.
+
+    Args:
+        engine: Engine of the storage.
+        pipeline: Pipeline name.
+        stage: Step name, such as ``retrain:convae-gen``.
+        payload: JSON-serialisable dict: artifact ids, metrics, or ``{"error": message}``.
+    """
+    now = _utc_now()
+    statement = _dialect_insert(engine)(outputs_table).values(
+        pipeline=pipeline, stage=stage, payload=payload, updated_at=now
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=[outputs_table.c.pipeline, outputs_table.c.stage],
+        set_={"payload": payload, "updated_at": now},
+    )
+    with engine.begin() as connection:
+        connection.execute(statement)
+
+
+def get_outputs(engine: Engine, pipeline: str) -> dict[str, dict]:
+    """Return the stored outputs of a pipeline's steps as ``{step name: payload}``."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(outputs_table.c.stage, outputs_table.c.payload).where(outputs_table.c.pipeline == pipeline)
+        ).all()
+    return {row.stage: dict(row.payload) for row in rows}
