@@ -65,6 +65,18 @@ DataDirOption = Annotated[
         ),
     ),
 ]
+ArtifactsOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--artifacts",
+        envvar="JETHPO_ARTIFACTS",
+        help=(
+            "Artifact directory for checkpoints, plots and result tables, which every Ray node and the "
+            "dashboard must read at the same path. Default: DATA_DIR/artifacts."
+        ),
+        show_default=False,
+    ),
+]
 JsonOption = Annotated[
     bool,
     typer.Option("--json", help="Print one JSON document on stdout instead of a table."),
@@ -574,7 +586,13 @@ def _exit_on_run_errors(storage_url: str) -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _worker_settings(url: str, heartbeat_interval: int, grace_period: int, data: str | None = None) -> Any:
+def _worker_settings(
+    url: str,
+    heartbeat_interval: int,
+    grace_period: int,
+    data: str | None = None,
+    artifacts: Path | None = None,
+) -> Any:
     import optuna
 
     from hpo.workers import WorkerSettings
@@ -582,7 +600,13 @@ def _worker_settings(url: str, heartbeat_interval: int, grace_period: int, data:
     # Optuna's own stderr handler would print its records a second time
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
-    return WorkerSettings(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period, data_path=data)
+    return WorkerSettings(
+        url,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        data_path=data,
+        artifact_dir=str(Path(artifacts).expanduser().resolve()) if artifacts else None,
+    )
 
 
 def _warn_sqlite_on_cluster(url: str, address: str | None) -> None:
@@ -613,11 +637,20 @@ def _print_outcome(outcome: Any) -> None:
     _print_table(table)
 
 
-def _exit_on_failed_stages(outcome: Any) -> None:
-    """Exit 1 with one stderr line when a stage failed or a worker stopped with an error."""
-    failed = [name for (_, name), state in outcome.states.items() if state.value == "failed"]
+def _exit_on_failed_stages(outcome: Any, url: str) -> None:
+    """Exit 1 with stderr lines when a stage failed or a worker stopped with an error."""
+    failed = [(pipeline, name) for (pipeline, name), state in outcome.states.items() if state.value == "failed"]
     if failed:
-        typer.echo(f"Error: stages {', '.join(failed)} failed. The log above gives the reasons.", err=True)
+        from storage.pipeline import get_outputs
+
+        with _exit_on_user_errors(url):
+            engine = _open_storage(url).engine
+            for pipeline in dict.fromkeys(pipeline for pipeline, _ in failed):
+                for name, output in get_outputs(engine, pipeline).items():
+                    if (pipeline, name) in failed and output.get("error"):
+                        typer.echo(f"Step {name} of pipeline {pipeline} failed: {output['error']}", err=True)
+        names = ", ".join(name for _, name in failed)
+        typer.echo(f"Error: stages {names} failed. The log above gives the reasons.", err=True)
         raise typer.Exit(1)
     if outcome.worker_errors:
         typer.echo(
@@ -646,6 +679,7 @@ def run_command(
             show_default=False,
         ),
     ] = None,
+    artifacts: ArtifactsOption = None,
     address: AddressOption = None,
     workers: WorkersOption = None,
     family: Annotated[
@@ -667,26 +701,30 @@ def run_command(
         ),
     ] = None,
 ) -> None:
-    """Run the search stages of a profile on Ray workers until every stage is done.
+    """Run a profile's whole pipeline on Ray workers: search, retrain, evaluate, report.
 
     The pipeline is named after the profile and stored with the studies, so running the
     same command again after an interruption resumes it: finished stages and trials are
-    kept, and trials that were running are retried.
+    kept, and trials that were running are retried. Once every stage is done, it prints
+    the results table, and running it again prints the same table.
     """
     import sys
 
     from hpo.spaces import load_profile
     from hpo.workers import run_pipeline
+    from storage.artifacts import resolve_artifact_dir
 
     url = _storage_url(storage, data_dir)
     _warn_sqlite_on_cluster(url, address)
     with _exit_on_run_errors(url):
         settings = _worker_settings(url, heartbeat_interval, grace_period)
+        loaded_profile = load_profile(profile)
         outcome = run_pipeline(
             settings,
-            load_profile(profile),
+            loaded_profile,
             data=data,
             data_dir=data_dir,
+            artifact_dir=resolve_artifact_dir(artifacts, data_dir),
             address=address,
             workers=workers,
             families=family or None,
@@ -695,7 +733,11 @@ def run_command(
         )
 
     _print_outcome(outcome)
-    _exit_on_failed_stages(outcome)
+    _exit_on_failed_stages(outcome, url)
+    with _exit_on_user_errors(url):
+        document = _results_document(_open_storage(url), loaded_profile.name)
+    if document is not None:
+        _print_results(document)
 
 
 @app.command("worker")
@@ -715,6 +757,18 @@ def worker_command(
             show_default=False,
         ),
     ] = None,
+    artifacts: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--artifacts",
+            envvar="JETHPO_ARTIFACTS",
+            help=(
+                "Artifact directory to use instead of the one that 'jethpo run' registered, for a node that "
+                "mounts it at another path."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     heartbeat_interval: HeartbeatIntervalOption = 60,
     grace_period: GracePeriodOption = 120,
 ) -> None:
@@ -729,7 +783,7 @@ def worker_command(
     url = _storage_url(storage, data_dir)
     _warn_sqlite_on_cluster(url, address)
     with _exit_on_run_errors(url):
-        settings = _worker_settings(url, heartbeat_interval, grace_period, data)
+        settings = _worker_settings(url, heartbeat_interval, grace_period, data, artifacts)
         outcome = run_workers(
             settings,
             address=address,
@@ -738,7 +792,228 @@ def worker_command(
         )
 
     _print_outcome(outcome)
-    _exit_on_failed_stages(outcome)
+    _exit_on_failed_stages(outcome, url)
+
+# results of a pipeline
+
+
+PipelineOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--pipeline",
+        help="Pipeline, named after its profile (such as quick). Default: the one that finished last.",
+        show_default=False,
+    ),
+]
+
+
+def _results_document(rdb: Any, pipeline: str | None) -> dict | None:
+    """Return the results document of a pipeline, or of the pipeline that finished last, or None."""
+    from sqlalchemy import select
+
+    from storage.pipeline import outputs_table
+
+    statement = select(outputs_table.c.pipeline, outputs_table.c.payload).where(
+        outputs_table.c.stage.like("results:%")
+    )
+    if pipeline is not None:
+        statement = statement.where(outputs_table.c.pipeline == pipeline)
+    with rdb.engine.connect() as connection:
+        rows = connection.execute(statement.order_by(outputs_table.c.updated_at.desc())).all()
+    for row in rows:
+        if isinstance(row.payload, dict) and "document" in row.payload:
+            return row.payload["document"]
+    return None
+
+
+def _print_results(document: dict) -> None:
+    from hpo.evaluate import markdown_table
+
+    typer.echo(markdown_table(document))
+
+
+@app.command("results")
+def results_command(
+    storage: StorageOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    pipeline: PipelineOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the final evaluation table: the models, the truth row and the published rows."""
+    url = _storage_url(storage, data_dir)
+    with _exit_on_user_errors(url):
+        document = _results_document(_open_storage(url), pipeline)
+    if document is None:
+        which = f"pipeline {pipeline!r}" if pipeline else "any pipeline"
+        typer.echo(
+            f"Error: no results for {which} in {_masked(url)} yet. Run 'jethpo run' to the end; "
+            f"'jethpo studies' shows how far it got.",
+            err=True,
+        )
+        raise typer.Exit(1)
+    if as_json:
+        _print_json(document)
+    else:
+        _print_results(document)
+
+
+def _find_step(rdb: Any, kind: str, family: str, pipeline: str | None) -> Any:
+    """Return the registered step ``<kind>:<family>``, from the given pipeline or the only one that has it."""
+    from sqlalchemy import select
+
+    from storage.pipeline import stages_table
+
+    name = f"{kind}:{family}"
+    statement = select(stages_table.c.pipeline).where(stages_table.c.stage == name)
+    if pipeline is not None:
+        statement = statement.where(stages_table.c.pipeline == pipeline)
+    with rdb.engine.connect() as connection:
+        pipelines = sorted(connection.execute(statement).scalars())
+    if not pipelines:
+        where = f"pipeline {pipeline!r}" if pipeline else "any pipeline"
+        raise typer.BadParameter(
+            f"{where} has no step {name}. Run 'jethpo run --profile PROFILE' first, which registers it."
+        )
+    if len(pipelines) > 1:
+        raise typer.BadParameter(f"pipelines {', '.join(pipelines)} all have step {name}; choose one with --pipeline.")
+    return pipelines[0], name
+
+
+@app.command("retrain")
+def retrain_command(
+    study: Annotated[str, typer.Argument(help="A study of the search space whose best trial is retrained, such as convae-gen.arch.")],
+    storage: StorageOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    artifacts: ArtifactsOption = None,
+    pipeline: PipelineOption = None,
+    address: AddressOption = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Retrain again even if the step is done. The steps that use the retrained model run again with the next 'jethpo run'.",
+        ),
+    ] = False,
+    heartbeat_interval: HeartbeatIntervalOption = 60,
+    grace_period: GracePeriodOption = 120,
+) -> None:
+    """Retrain the best trial of a search space now, as 'jethpo run' does once its search ends.
+
+    The retraining is claimed in the storage, so it never runs twice at once, and it runs
+    as a Ray task with the profile's retraining resources. An interrupted retraining
+    resumes from the state saved after its last evaluation.
+    """
+    from hpo.studies import load_spaces
+    from hpo.workers import retrain_by_hand
+
+    url = _storage_url(storage, data_dir)
+    with _exit_on_run_errors(url):
+        rdb = _open_storage(url)
+        spaces = load_spaces(rdb)
+        family = next((space.name for space in spaces.values() for stage in space.stages if stage.study_name == study), None)
+        if family is None:
+            family = study if study in spaces else None
+        if family is None:
+            known = ", ".join(stage.study_name for space in spaces.values() for stage in space.stages)
+            raise typer.BadParameter(f"no search space has a study {study!r}. Use one of {known}.")
+        pipeline_name, step = _find_step(rdb, "retrain", family, pipeline)
+        settings = _worker_settings(url, heartbeat_interval, grace_period, None, artifacts)
+        output = retrain_by_hand(settings, pipeline_name, step, address=address, force=force)
+
+    typer.echo(
+        f"Retrained trial {output['trial']} of study {output['study']}: validation EMD_sum "
+        f"{_format_value(output['emd_sum'])} at epoch {output['best_epoch']} of {output['epochs']}; "
+        f"checkpoint artifact {output['checkpoint']}."
+    )
+
+
+@app.command("generate")
+def generate_command(
+    model: Annotated[
+        str,
+        typer.Option("--model", help="Retrained model: convae (generation-tuned ConVAE), convae-nf or nf.", show_default=False),
+    ],
+    jets: Annotated[int, typer.Option("--jets", min=1, help="Number of jets to generate.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="HDF5 file to write, in JetNet's layout.", show_default=False)],
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Jets per generator call.")] = 10_000,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the latent samples.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="Torch device, such as cpu or cuda.")] = "cpu",
+    storage: StorageOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    artifacts: ArtifactsOption = None,
+    pipeline: PipelineOption = None,
+) -> None:
+    """Sample jets from a retrained model and write them in JetNet's layout.
+
+    The file has particle_features [N, 30, 4] (etarel, phirel, ptrel, mask) and
+    jet_features [N, 4] (pt in GeV, eta, mass in GeV, num_particles), as JetNet's g.hdf5.
+    """
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from hpo.pipeline import RUN_ATTR, evaluated_model
+    from hpo.studies import load_spaces
+    from models.checkpoint import CheckpointError, load_checkpoint, sampler_from_checkpoint
+    from models.data import write_jetnet_jets
+    from storage.artifacts import download_file, open_artifact_store, resolve_artifact_dir
+    from storage.pipeline import get_outputs
+
+    models = ("convae", "convae-nf", "nf")
+    if model not in models:
+        raise typer.BadParameter(f"unknown model {model!r}; use one of {', '.join(models)}.", param_hint="--model")
+    url = _storage_url(storage, data_dir)
+    with _exit_on_run_errors(url):
+        rdb = _open_storage(url)
+        spaces = load_spaces(rdb)
+        families = [name for name, space in spaces.items() if evaluated_model(space) == model]
+        found = []
+        for family in families:
+            try:
+                found.append((family, *_find_step(rdb, "retrain", family, pipeline)))
+            except typer.BadParameter:
+                continue
+        if not found:
+            raise typer.BadParameter(
+                f"no pipeline has retrained a {model} model yet. Run 'jethpo run' to the end first.", param_hint="--model"
+            )
+        family, pipeline_name, step = found[0]
+        output = get_outputs(rdb.engine, pipeline_name).get(step, {})
+        if "checkpoint" not in output:
+            raise typer.BadParameter(
+                f"step {step} of pipeline {pipeline_name} has not finished. Run 'jethpo run' or 'jethpo retrain' first.",
+                param_hint="--model",
+            )
+        run = rdb.get_study_user_attrs(rdb.get_study_id_from_name(output["study"])).get(RUN_ATTR, {})
+        store = open_artifact_store(resolve_artifact_dir(artifacts, data_dir) if artifacts else run.get("artifact_dir") or resolve_artifact_dir(None, data_dir))
+        with tempfile.TemporaryDirectory() as folder:
+            path = download_file(store, output["checkpoint"], Path(folder) / "model.pt")
+            try:
+                checkpoint = load_checkpoint(path, data_fingerprint=run.get("data_fingerprint"))
+            except CheckpointError as error:
+                raise ValueError(str(error)) from None
+        sampler = sampler_from_checkpoint(checkpoint, device=device)
+        generator = torch.Generator(device=sampler.device).manual_seed(seed)
+        constituents = sampler.sample_gev(jets, generator, batch_size=batch_size)
+        mask = ~(np.hypot(constituents[..., 0], constituents[..., 1]) <= 0)
+        written = write_jetnet_jets(
+            out,
+            constituents,
+            mask,
+            {
+                "producer": "jethpo generate",
+                "model": model,
+                "pipeline": pipeline_name,
+                "study": output["study"],
+                "trial": output["trial"],
+                "checkpoint": output["checkpoint"],
+                "seed": seed,
+                "data_fingerprint": run.get("data_fingerprint", ""),
+            },
+        )
+    logger.info("Wrote %d jets from the retrained %s of pipeline %s to %s", jets, model, pipeline_name, written)
+    typer.echo(str(written))
 
 
 # optuna-dashboard
@@ -748,6 +1023,7 @@ def worker_command(
 def dashboard_command(
     storage: StorageOption = None,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    artifacts: ArtifactsOption = None,
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port to listen on.")] = 8080,
     host: Annotated[
         str,
@@ -757,20 +1033,24 @@ def dashboard_command(
         ),
     ] = "127.0.0.1",
 ) -> None:
-    """Serve optuna-dashboard on the same storage until Ctrl-C.
+    """Serve optuna-dashboard on the same storage and artifact directory until Ctrl-C.
 
-    The dashboard has no login, and anyone who reaches it can change studies, so keep the
-    default --host unless the port is protected.
+    The dashboard shows the checkpoints, plots and result tables that the pipeline linked
+    to each study. It has no login, and anyone who reaches it can change studies, so keep
+    the default --host unless the port is protected.
     """
     import optuna_dashboard
+
+    from storage.artifacts import open_artifact_store, resolve_artifact_dir
 
     url = _storage_url(storage, data_dir)
     with _exit_on_user_errors(url):
         rdb = _open_storage(url)
+        store = open_artifact_store(resolve_artifact_dir(artifacts, data_dir))
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("optuna-dashboard listens on %s, so other machines can read and change the studies", host)
-    application = optuna_dashboard.wsgi(rdb)
+    application = optuna_dashboard.wsgi(rdb, artifact_store=store)
     try:
         server = make_server(
             host, port, application, server_class=_ThreadingWSGIServer, handler_class=_QuietRequestHandler

@@ -309,6 +309,9 @@ def train_params(
     seed: int,
     report: EpochCallback | None = None,
     latent_model: ConVAE | None = None,
+    latents: Tensor | None = None,
+    resume: dict | None = None,
+    on_state: Callable[[dict], None] | None = None,
 ) -> TrainingResult:
     """Build the model of a search space from parameters, train it and score it.
 
@@ -326,6 +329,12 @@ def train_params(
             ``optuna.TrialPruned``, which propagates unchanged.
         latent_model: For ``realnvp-latent`` only, the trained ConVAE whose encoder means
             the flow learns and whose decoder makes the jets. It is moved to ``data.device``.
+        latents: For ``realnvp-latent`` only, ``[n_train + n_validation, latent_dim]``
+            encoder means of the training then the validation jets under ``latent_model``,
+            such as the ``latents`` step stores them. Without it they are encoded here.
+        resume: Training state from ``on_state`` of an interrupted run of the same
+            parameters, data and seed; training continues after its epoch.
+        on_state: Receives the full training state after each evaluation, for resuming.
 
     Returns:
         The best validation EMD_sum, its epoch, the evaluation history and the checkpoint.
@@ -347,10 +356,11 @@ def train_params(
     torch.manual_seed(seed)
     out_of_memory = None
     try:
+        resuming = {"resume": resume, "on_state": on_state}
         if space.model == "convae":
-            result = _train_convae_params(space, params, budget, data, seed, report)
+            result = _train_convae_params(space, params, budget, data, seed, report, resuming)
         else:
-            result = _train_realnvp_params(space, params, budget, data, seed, report, latent_model)
+            result = _train_realnvp_params(space, params, budget, data, seed, report, latent_model, latents, resuming)
     except NonFiniteLossError as error:
         raise TrialFailure("nan_loss", str(error)) from error
     except Exception as error:
@@ -408,6 +418,7 @@ def _train_convae_params(
     data: TrialData,
     seed: int,
     report: EpochCallback | None,
+    resuming: Mapping[str, Any],
 ) -> TrainingResult:
     # Invalid loss weights are no architecture problem, so their LossWeightsError propagates.
     weights = LossWeights(**{name: params[name] for name in _CONVAE_LOSS_WEIGHTS})
@@ -429,6 +440,7 @@ def _train_convae_params(
         data_fingerprint=data.fingerprint,
         eval_every=budget.eval_every,
         callback=report,
+        **resuming,
     )
 
 
@@ -440,15 +452,20 @@ def _train_realnvp_params(
     seed: int,
     report: EpochCallback | None,
     latent_model: ConVAE | None,
+    latents: Tensor | None,
+    resuming: Mapping[str, Any],
 ) -> TrainingResult:
     # inputs and decoder
     extra_checkpoint = None
     if space.model == "realnvp-latent":
         latent_model = latent_model.to(data.device)
         # the flow learns the latents of the training and the validation jets
-        inputs = torch.cat(
-            [encode_latents(latent_model, data.train), encode_latents(latent_model, data.validation)]
-        )
+        if latents is not None:
+            inputs = latents.to(data.device)
+        else:
+            inputs = torch.cat(
+                [encode_latents(latent_model, data.train), encode_latents(latent_model, data.validation)]
+            )
         decode = latent_model.decode
 
         # the checkpoint keeps the ConVAE too, so that it alone can generate jets
@@ -485,6 +502,7 @@ def _train_realnvp_params(
         eval_every=budget.eval_every,
         callback=report,
         extra_checkpoint=extra_checkpoint,
+        **resuming,
     )
 
 
@@ -514,6 +532,7 @@ def run_trial(
     *,
     inherited: Mapping[str, Any],
     latent_model: ConVAE | None = None,
+    latents: Tensor | None = None,
     storage: optuna.storages.BaseStorage | None = None,
 ) -> FrozenTrial:
     """Ask the study for a trial, train its model and tell the study the result.
@@ -543,6 +562,7 @@ def run_trial(
         data: The prepared jets.
         inherited: Best parameters of the stages that ``stage`` inherits, or ``{}``.
         latent_model: For ``realnvp-latent``, the trained ConVAE (see :func:`train_params`).
+        latents: For ``realnvp-latent``, its encoder means (see :func:`train_params`).
         storage: The study's storage, to record heartbeats. The default is the storage
             that ``study`` uses.
 
@@ -594,7 +614,7 @@ def run_trial(
             params = stage.suggest(trial, data.statistics, inherited)
             trial.set_user_attr("params", dict(params))
             result = train_params(
-                space, params, budget, data, seed=seed, report=report, latent_model=latent_model
+                space, params, budget, data, seed=seed, report=report, latent_model=latent_model, latents=latents
             )
     except optuna.TrialPruned as pruned:
         return _finish(study, trial, started, TrialState.PRUNED, detail=str(pruned))

@@ -5,19 +5,24 @@ A pipeline is named after its run profile, such as ``smoke``. Its stages are nod
 - search stages, one per stage of every search space, named after their Optuna study
   (``convae-gen.loss``). A stage depends on the stages it inherits parameters from, so
   ``convae-gen.loss -> convae-gen.arch``.
-- retraining steps, one per search space, named ``retrain:<family>``, which depend on all
-  search stages of the family. A ``realnvp-latent`` space (``latent-nf``) trains on the
-  latents of a retrained ConVAE, so its search stages depend on ``retrain:<latents_from>``.
+- steps, which run once each, named ``<kind>:<family>``:
 
-This version runs search stages only (:data:`RUNNABLE_KINDS`). Retraining steps, and every
-stage that depends on one, are left out of the runnable set with a reason, and later
-versions can register them without touching the stages that already ran.
+  - ``retrain:<family>`` retrains the best trial of the family's last search stage with the
+    profile's long schedule, after all search stages of the family;
+  - ``latents:<family>`` encodes the training and validation jets with a retrained ConVAE,
+    for the ``realnvp-latent`` spaces whose ``latents_from`` names the family. Their search
+    stages depend on it;
+  - ``evaluate:<family>`` scores a retrained model that generates jets (a generation-tuned
+    ConVAE, a latent flow with its ConVAE, or a standalone flow) on the test split;
+  - ``results:<pipeline>`` adds the truth and published rows, writes the table and the
+    plots, after every evaluation.
 
-Each runnable stage is a row of ``jethpo_stages`` (``storage.pipeline``) whose state moves
+Each stage is a row of ``jethpo_stages`` (``storage.pipeline``) whose state moves
 pending -> running -> done or failed, so a restarted controller resumes where the last one
-stopped. :func:`advance_pipeline` moves the states. A pending stage starts when every stage it
-depends on is done, by one atomic claim, so it never starts twice. A running stage is done
-when its budget is used and no trial of it is RUNNING or WAITING.
+stopped. :func:`advance_pipeline` moves the states of search stages. A pending stage starts
+when every stage it depends on is done, by one atomic claim, so it never starts twice. A
+running search stage is done when its budget is used and no trial of it is RUNNING or
+WAITING. Steps are claimed and finished by the worker that runs them (``hpo.steps``).
 
 Budgets are global across workers. :func:`count_trials` counts a trial toward the budget when
 it is COMPLETE, PRUNED, RUNNING, or FAIL without a retry. A stage has budget left while that
@@ -26,7 +31,8 @@ worker counts and requests a trial under :func:`budget_lock`, so the count never
 unless WAITING trials were enqueued on top of it.
 
 The search budget, the jets file and the trial resources of a stage are stored in its study's
-user attributes (``hpo.studies.BUDGET_ATTRS`` and :data:`RUN_ATTR`), so a worker needs only the
+user attributes (``hpo.studies.BUDGET_ATTRS`` and :data:`RUN_ATTR`), and the retraining
+budget of a family in its last study's :data:`RETRAIN_ATTR`, so a worker needs only the
 storage URL to run any registered stage.
 """
 
@@ -51,17 +57,23 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import select, update
 
 from hpo import studies
-from hpo.spaces import Profile, Resources, SearchBudget, Space, SpaceError
+from hpo.spaces import Profile, Resources, RetrainBudget, SearchBudget, Space, SpaceError
 from hpo.spaces import Stage as SpaceStage
 from storage import pipeline as stage_table
 from storage.locks import sqlite_database_path
 from storage.pipeline import StageState
 
 __all__ = [
+    "EVALUATE",
+    "LATENTS",
+    "RESULTS",
     "RETRAIN",
+    "RETRAIN_ATTR",
     "RUNNABLE_KINDS",
     "RUN_ATTR",
     "SEARCH",
+    "STEP_KINDS",
+    "evaluated_model",
     "BudgetExhausted",
     "PipelinePlan",
     "PipelineStage",
@@ -74,6 +86,7 @@ __all__ = [
     "load_stage_records",
     "plan_pipeline",
     "register_pipeline",
+    "step_name",
     "retried_trial_numbers",
     "unfinished_pipelines",
 ]
@@ -86,15 +99,35 @@ SEARCH = "search"
 RETRAIN = "retrain"
 """Kind of a step that retrains the best trial of a search space."""
 
-RUNNABLE_KINDS = (SEARCH,)
+LATENTS = "latents"
+"""Kind of a step that encodes the training and validation jets with a retrained ConVAE."""
+
+EVALUATE = "evaluate"
+"""Kind of a step that scores a retrained model on the test split."""
+
+RESULTS = "results"
+"""Kind of the step that writes the final table and plots of a pipeline."""
+
+STEP_KINDS = (RETRAIN, LATENTS, EVALUATE, RESULTS)
+"""Stage kinds that run once, on one worker, instead of as trials."""
+
+RUNNABLE_KINDS = (SEARCH, *STEP_KINDS)
 """Stage kinds that this version of jethpo runs."""
+
+RETRAIN_ATTR = "retrain"
+"""User attribute of a family's last study with its retraining budget.
+
+Its value is a dict with ``epochs``, ``batch_size``, ``eval_every`` and ``resources``
+(``{"cpus": float, "gpus": float}``).
+"""
 
 RUN_ATTR = "run"
 """Study user attribute with the pipeline, jets file and trial resources of the last run.
 
 Its value is a dict with ``pipeline``, ``data_path`` (absolute), ``n_jets`` (None for all),
-``split_seed``, ``data_fingerprint`` (``hpo.objectives.TrialData.fingerprint``) and
-``resources`` (``{"cpus": float, "gpus": float}`` per trial).
+``split_seed``, ``data_fingerprint`` (``hpo.objectives.TrialData.fingerprint``),
+``artifact_dir`` (absolute; see ``storage.artifacts``) and ``resources``
+(``{"cpus": float, "gpus": float}`` per trial).
 """
 
 _BUDGET_LOCK_NAMESPACE = 0x6A657468
@@ -117,16 +150,18 @@ class PipelineStage:
 
     Attributes:
         name: Unique name in the pipeline: the study name of a search stage
-            (``convae-gen.loss``), ``retrain:<family>`` for a retraining step.
-        kind: :data:`SEARCH` or :data:`RETRAIN`.
+            (``convae-gen.loss``), ``<kind>:<family>`` for a step.
+        kind: :data:`SEARCH` or one of :data:`STEP_KINDS`.
         family: Name of the search space.
         depends_on: Names of the stages that must be done before this one starts.
         order: Urgency, lower first: stages nearer the start of the graph come first, then
             the order of the search spaces, then the order of the stages in their space.
+        study_name: Optuna study of a search stage, or the study that a step reads its
+            best trial from and links its artifacts to: the family's last search stage.
         space: The search space.
         stage: The search space's stage, for search stages only.
         budget: The profile's search budget, for search stages only.
-        excluded: Why the stage cannot run in this version, or None if it can.
+        excluded: Why the stage cannot run, or None if it can.
     """
 
     name: str
@@ -134,15 +169,11 @@ class PipelineStage:
     family: str
     depends_on: tuple[str, ...]
     order: tuple[int, int, int]
+    study_name: str
     space: Space = field(compare=False, repr=False)
     stage: SpaceStage | None = field(default=None, compare=False, repr=False)
     budget: SearchBudget | None = None
     excluded: str | None = None
-
-    @property
-    def study_name(self) -> str | None:
-        """Optuna study of a search stage, None for other kinds."""
-        return self.stage.study_name if self.stage is not None else None
 
 
 @dataclass(frozen=True)
@@ -161,7 +192,7 @@ class PipelinePlan:
 
     @property
     def runnable(self) -> tuple[PipelineStage, ...]:
-        """Stages that this version runs, sorted by urgency."""
+        """Stages that can run, sorted by urgency."""
         return tuple(stage for stage in self.stages if stage.excluded is None)
 
     @property
@@ -170,21 +201,35 @@ class PipelinePlan:
         return tuple(stage for stage in self.stages if stage.excluded is not None)
 
     def trial_resources(self) -> Resources:
-        """Return the largest CPU and GPU request of one trial over the runnable stages.
+        """Return the largest CPU and GPU request of one trial or retraining over the runnable stages.
 
-        A worker runs trials of every stage, so it reserves the largest request once.
+        A worker runs trials of every stage and the steps, so it reserves the largest request once.
         """
-        budgets = [stage.budget for stage in self.runnable if stage.budget is not None]
-        if not budgets:
+        requests = [stage.budget.resources for stage in self.runnable if stage.budget is not None]
+        requests += [
+            self.profile.retrain_budget(stage.space).resources for stage in self.runnable if stage.kind == RETRAIN
+        ]
+        if not requests:
             return Resources(cpus=1.0, gpus=0.0)
-        return Resources(
-            cpus=max(budget.resources.cpus for budget in budgets),
-            gpus=max(budget.resources.gpus for budget in budgets),
-        )
+        return Resources(cpus=max(item.cpus for item in requests), gpus=max(item.gpus for item in requests))
 
 
-def _retrain_name(family: str) -> str:
-    return f"{RETRAIN}:{family}"
+def step_name(kind: str, family: str) -> str:
+    """Return the stage name of a step, such as ``retrain:convae-gen``."""
+    return f"{kind}:{family}"
+
+
+def evaluated_model(space: Space) -> str | None:
+    """Return the model name that the final table gives a search space's retrained model.
+
+    Returns:
+        ``"convae"`` for a generation-tuned ConVAE, ``"convae-nf"`` for a flow on ConVAE
+        latents, ``"nf"`` for a standalone flow, and None for a model that is not evaluated
+        on its own, such as a reconstruction-tuned ConVAE.
+    """
+    if space.model == "convae":
+        return "convae" if space.objective == "generation" else None
+    return "convae-nf" if space.model == "realnvp-latent" else "nf"
 
 
 def plan_pipeline(
@@ -192,7 +237,7 @@ def plan_pipeline(
     profile: Profile,
     families: Sequence[str] | None = None,
 ) -> PipelinePlan:
-    """Build the stage graph of a profile and mark the stages this version cannot run.
+    """Build the stage graph of a profile and mark the stages that cannot run.
 
     Args:
         spaces: Search spaces in their order of urgency, such as ``hpo.studies.load_spaces``
@@ -218,31 +263,42 @@ def plan_pipeline(
             f"Use one of {', '.join(spaces)}.",
         )
     family_index = {name: index for index, name in enumerate(spaces)}
+    latent_sources = {spaces[name].latents_from for name in selected if spaces[name].latents_from is not None}
 
     # nodes and dependencies
     nodes: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, kind: str, space: Space, depends_on: Sequence[str], position: int, stage=None) -> None:
+        nodes[name] = {
+            "kind": kind,
+            "space": space,
+            "stage": stage,
+            "depends_on": tuple(depends_on),
+            "position": (family_index[space.name], position),
+            "study_name": stage.study_name if stage is not None else space.stages[-1].study_name,
+        }
+
+    evaluations = []
     for family in selected:
         space = spaces[family]
         search_names = []
         for stage_index, stage in enumerate(space.stages):
             depends_on = [space.stage(parent).study_name for parent in stage.inherits]
             if space.latents_from is not None:
-                depends_on.append(_retrain_name(space.latents_from))
-            nodes[stage.study_name] = {
-                "kind": SEARCH,
-                "space": space,
-                "stage": stage,
-                "depends_on": tuple(depends_on),
-                "position": (family_index[family], stage_index),
-            }
+                depends_on.append(step_name(LATENTS, space.latents_from))
+            add(stage.study_name, SEARCH, space, depends_on, stage_index, stage)
             search_names.append(stage.study_name)
-        nodes[_retrain_name(family)] = {
-            "kind": RETRAIN,
-            "space": space,
-            "stage": None,
-            "depends_on": tuple(search_names),
-            "position": (family_index[family], len(space.stages)),
-        }
+        retrain = step_name(RETRAIN, family)
+        add(retrain, RETRAIN, space, search_names, len(space.stages))
+        if family in latent_sources:
+            add(step_name(LATENTS, family), LATENTS, space, [retrain], len(space.stages) + 1)
+        if evaluated_model(space) is not None:
+            evaluations.append(step_name(EVALUATE, family))
+            add(evaluations[-1], EVALUATE, space, [retrain], len(space.stages) + 1)
+    if evaluations:
+        first = nodes[evaluations[0]]
+        add(step_name(RESULTS, profile.name), RESULTS, first["space"], evaluations, len(first["space"].stages) + 2)
+        nodes[step_name(RESULTS, profile.name)]["family"] = RESULTS
 
     # depth and the reason a node cannot run, in dependency order
     depth: dict[str, int] = {}
@@ -254,15 +310,18 @@ def plan_pipeline(
         node = nodes[name]
         parents = node["depends_on"]
         reason = None
-        if node["kind"] not in RUNNABLE_KINDS:
-            reason = f"{node['kind']} steps are not implemented in this version of jethpo"
         for parent in parents:
             if parent not in nodes:
-                reason = reason or f"it depends on {parent}, whose search space is not part of this run"
+                family = parent.split(":", 1)[-1]
+                reason = reason or (
+                    f"it depends on {parent}, whose search space {family} is not part of this run; "
+                    f"add --family {family}"
+                )
                 continue
             resolve(parent)
             if excluded[parent] is not None and reason is None:
-                reason = f"it depends on {parent}, which this version of jethpo cannot run"
+                # the root cause, which names what to add
+                reason = excluded[parent]
         depth[name] = 1 + max((depth.get(parent, 0) for parent in parents), default=-1)
         excluded[name] = reason
 
@@ -277,9 +336,10 @@ def plan_pipeline(
             PipelineStage(
                 name=name,
                 kind=node["kind"],
-                family=space.name,
+                family=node.get("family", space.name),
                 depends_on=node["depends_on"],
                 order=(depth[name], *node["position"]),
+                study_name=node["study_name"],
                 space=space,
                 stage=stage,
                 budget=budget,
@@ -299,14 +359,18 @@ def register_pipeline(
 
     Stages that are already stored keep their state, so registering a pipeline again
     resumes it. Each study gets the profile's budget (``hpo.studies.open_study``) and
-    :data:`RUN_ATTR` with the given run information and the stage's trial resources.
+    :data:`RUN_ATTR` with the given run information and the stage's trial resources. The
+    study of a retraining step gets :data:`RETRAIN_ATTR`.
 
     Args:
         storage: Storage returned by ``storage.open_storage``.
         plan: The stage graph.
-        run_info: ``data_path``, ``n_jets``, ``split_seed`` and ``data_fingerprint``.
+        run_info: ``data_path``, ``n_jets``, ``split_seed``, ``data_fingerprint`` and
+            ``artifact_dir``.
     """
     for stage in plan.runnable:
+        if stage.kind != SEARCH:
+            continue
         study = studies.open_study(storage, stage.space, stage.stage, profile=plan.profile)
         resources = stage.budget.resources
         study.set_user_attr(
@@ -317,6 +381,20 @@ def register_pipeline(
                 "resources": {"cpus": resources.cpus, "gpus": resources.gpus},
             },
         )
+    for stage in plan.runnable:
+        if stage.kind == RETRAIN:
+            budget = plan.profile.retrain_budget(stage.space)
+            study_id = storage.get_study_id_from_name(stage.study_name)
+            storage.set_study_user_attr(
+                study_id,
+                RETRAIN_ATTR,
+                {
+                    "epochs": budget.epochs,
+                    "batch_size": budget.batch_size,
+                    "eval_every": budget.eval_every,
+                    "resources": {"cpus": budget.resources.cpus, "gpus": budget.resources.gpus},
+                },
+            )
         stage_table.upsert_stage(
             storage.engine,
             plan.name,
@@ -569,6 +647,11 @@ class StageRecord:
         budget: Search budget from the study's user attributes, or None if missing.
         run: The study's :data:`RUN_ATTR`, or ``{}``.
         problem: Why a worker cannot run the stage, or None.
+        retrain: Retraining budget of a ``retrain`` step, from :data:`RETRAIN_ATTR`.
+        claimed_by: The process that claimed the stage, or None.
+        updated_at: When the stage's row last changed; a step's claimer touches it while
+            it runs (timezone-aware UTC).
+        family: Search space of the stage, or ``results`` for the results step.
     """
 
     pipeline: str
@@ -583,6 +666,15 @@ class StageRecord:
     budget: SearchBudget | None = None
     run: dict[str, Any] = field(default_factory=dict, compare=False)
     problem: str | None = None
+    retrain: RetrainBudget | None = None
+    claimed_by: str | None = field(default=None, compare=False)
+    updated_at: datetime.datetime | None = field(default=None, compare=False)
+    family: str = ""
+
+    @property
+    def is_step(self) -> bool:
+        """Whether the stage is a step that runs once instead of as trials."""
+        return self.kind in STEP_KINDS
 
     @property
     def is_terminal(self) -> bool:
@@ -633,6 +725,19 @@ def _budget_from_attrs(attrs: Mapping[str, Any], run: Mapping[str, Any]) -> Sear
     )
 
 
+def _retrain_budget_from_attrs(attrs: Any) -> RetrainBudget | None:
+    keys = ("epochs", "batch_size", "eval_every")
+    if not isinstance(attrs, Mapping) or not all(isinstance(attrs.get(key), int) for key in keys):
+        return None
+    resources = attrs.get("resources") or {}
+    return RetrainBudget(
+        epochs=attrs["epochs"],
+        batch_size=attrs["batch_size"],
+        eval_every=attrs["eval_every"],
+        resources=Resources(cpus=float(resources.get("cpus", 1.0)), gpus=float(resources.get("gpus", 0.0))),
+    )
+
+
 def load_stage_records(
     storage: optuna.storages.RDBStorage,
     pipeline: str,
@@ -661,28 +766,35 @@ def load_stage_records(
         space = spaces.get(row.family)
         stage = None
         budget = None
+        retrain = None
         run: dict[str, Any] = {}
         problem = None
+        attrs: dict[str, Any] = {}
         if kind not in RUNNABLE_KINDS:
-            problem = f"{kind} steps are not implemented in this version of jethpo"
-        elif space is None:
+            problem = f"{kind} steps are not known to this version of jethpo"
+        elif space is None and kind != RESULTS:
             problem = f"search space {row.family!r} is not known to this worker"
         else:
-            stage = next((item for item in space.stages if item.study_name == row.study_name), None)
-            if stage is None:
-                problem = f"search space {row.family!r} has no stage with study {row.study_name!r}"
-            else:
-                try:
-                    attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(row.study_name))
-                except KeyError:
-                    attrs = {}
-                run = dict(attrs.get(RUN_ATTR) or {})
-                budget = _budget_from_attrs(attrs, run)
-                if budget is None or not run:
-                    problem = f"study {row.study_name!r} has no budget or run attributes; run 'jethpo run' to register it"
-        stage_index = 0
+            try:
+                attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(row.study_name))
+            except KeyError:
+                attrs = {}
+            run = dict(attrs.get(RUN_ATTR) or {})
+            if kind == SEARCH:
+                stage = next((item for item in space.stages if item.study_name == row.study_name), None)
+                if stage is None:
+                    problem = f"search space {row.family!r} has no stage with study {row.study_name!r}"
+                else:
+                    budget = _budget_from_attrs(attrs, run)
+            elif kind == RETRAIN:
+                retrain = _retrain_budget_from_attrs(attrs.get(RETRAIN_ATTR))
+            if problem is None and (not run or (kind == SEARCH and budget is None) or (kind == RETRAIN and retrain is None)):
+                problem = f"study {row.study_name!r} has no budget or run attributes; run 'jethpo run' to register it"
+        stage_index = len(space.stages) if space is not None else 0
         if space is not None and stage is not None:
             stage_index = space.stages.index(stage)
+        elif kind != SEARCH:
+            stage_index += STEP_KINDS.index(kind) if kind in STEP_KINDS else 0
         records.append(
             StageRecord(
                 pipeline=pipeline,
@@ -697,6 +809,10 @@ def load_stage_records(
                 budget=budget,
                 run=run,
                 problem=problem,
+                retrain=retrain,
+                claimed_by=row.claimed_by,
+                updated_at=row.updated_at,
+                family=row.family,
             )
         )
     records.sort(key=lambda record: record.order)
@@ -761,7 +877,18 @@ def advance_pipeline(
     states = {record.name: record.state for record in records}
     events = []
     for record in records:
-        if record.problem is not None or record.budget is None:
+        if record.problem is not None:
+            continue
+        if record.is_step:
+            # a worker claims and finishes a step; only the failure of its inputs is decided here
+            failed_parents = [name for name in record.depends_on if states.get(name) == StageState.FAILED]
+            if states[record.name] == StageState.PENDING and failed_parents:
+                reason = f"it depends on {', '.join(failed_parents)}, which failed"
+                if _move_state(engine, record.pipeline, record.name, StageState.PENDING, StageState.FAILED):
+                    events.append((record.name, StageState.FAILED, reason))
+                states[record.name] = StageState.FAILED
+            continue
+        if record.budget is None:
             continue
 
         if states[record.name] == StageState.RUNNING:

@@ -49,6 +49,8 @@ class StageProgress:
         best_trial: Number of that trial, or None.
         mean_trial_s: Mean wall time in seconds of the finished trials, or None before the
             first one finished.
+        is_step: Whether the stage is a step (retraining, latents, evaluation, results)
+            that runs once instead of as trials.
     """
 
     name: str
@@ -59,6 +61,7 @@ class StageProgress:
     best_value: float | None
     best_trial: int | None
     mean_trial_s: float | None
+    is_step: bool = False
 
     @property
     def remaining(self) -> int:
@@ -146,6 +149,7 @@ def _stage_progress(record: StageRecord, trials: Sequence[FrozenTrial]) -> Stage
         best_value=best.value if best is not None else None,
         best_trial=best.number if best is not None else None,
         mean_trial_s=sum(durations) / len(durations) if durations else None,
+        is_step=record.is_step,
     )
 
 
@@ -161,7 +165,9 @@ def read_progress(
         trials: Trials of each stage's study, by study name. A missing study counts as empty.
         workers: Number of workers.
     """
-    stages = tuple(_stage_progress(record, trials.get(record.study_name, ())) for record in records)
+    stages = tuple(
+        _stage_progress(record, () if record.is_step else trials.get(record.study_name, ())) for record in records
+    )
     return PipelineProgress(stages=stages, workers=workers)
 
 
@@ -248,6 +254,17 @@ class PipelineMonitor:
             )
 
     def _log_stage(self, stage: StageProgress, reason: str, progress: PipelineProgress) -> None:
+        if stage.is_step:
+            log = logger.warning if stage.state == StageState.FAILED else logger.info
+            verb = {StageState.RUNNING: "started", StageState.DONE: "is done", StageState.FAILED: "failed"}
+            log(
+                "Step %s of pipeline %s %s%s",
+                stage.name,
+                stage.pipeline,
+                verb.get(stage.state, f"is {stage.state.value}"),
+                f": {reason}" if reason else "",
+            )
+            return
         if stage.state == StageState.RUNNING:
             logger.info(
                 "Stage %s of pipeline %s started with a budget of %d trials%s",
@@ -355,7 +372,7 @@ def render_table(progress: PipelineProgress) -> Any:
         table.add_row(
             stage.name,
             stage.state.value,
-            f"{stage.counts.finished}/{stage.n_trials}",
+            "step" if stage.is_step else f"{stage.counts.finished}/{stage.n_trials}",
             str(stage.counts.running),
             str(stage.counts.failed),
             best,

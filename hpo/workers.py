@@ -48,6 +48,8 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo import pipeline as stages
 from hpo.pipeline import BudgetExhausted, StageRecord, budget_lock, count_trials
 from hpo.spaces import Profile, Resources
+from hpo.steps import StepRunner, claimable_steps
+from storage import pipeline as stage_table
 from storage import open_storage
 from storage.urls import StorageError, describe_database_error, mask_password
 
@@ -65,7 +67,9 @@ __all__ = [
     "default_worker_count",
     "open_worker_storage",
     "prepare_jets",
+    "retrain_by_hand",
     "run_pipeline",
+    "run_step",
     "run_workers",
     "start_workers",
     "supervise",
@@ -127,6 +131,8 @@ class WorkerSettings:
         data_path: Jets file to read instead of the one registered with the pipeline, for a
             cluster that mounts the data at another path than the controller. Its data
             fingerprint must match.
+        artifact_dir: Artifact directory to use instead of the one registered with the
+            pipeline, for a node that mounts it at another path.
     """
 
     storage_url: str
@@ -135,6 +141,7 @@ class WorkerSettings:
     max_retry: int = 3
     poll_interval_s: float = 2.0
     data_path: str | None = None
+    artifact_dir: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.heartbeat_interval, bool) or not isinstance(self.heartbeat_interval, int) or self.heartbeat_interval < 1:
@@ -276,6 +283,8 @@ class Worker:
         self._studies: dict[str, _WorkerStudy] = {}
         self._data: dict[tuple, Any] = {}
         self._inherited: dict[str, dict[str, Any]] = {}
+        self._latent_inputs: dict[str, tuple[Any, Any]] = {}
+        self._step_runner: StepRunner | None = None
         self._trials_run = 0
 
     # identity
@@ -366,7 +375,17 @@ class Worker:
         if not records or all(record.is_terminal for record in records):
             return "finished"
 
-        running = [record for record in records if record.state == stages.StageState.RUNNING and record.problem is None]
+        # steps first: they are few, and the latent flows wait for the retrained ConVAE
+        for record in claimable_steps(records, self.settings.grace_period):
+            if self._steps().claim(record):
+                self._steps().run(record, [item for item in records if item.pipeline == record.pipeline])
+                return "ran"
+
+        running = [
+            record
+            for record in records
+            if record.state == stages.StageState.RUNNING and record.problem is None and not record.is_step
+        ]
         for record in running:
             study = self._study(record, identity)
             for number, retry in stages.fail_stale_trials(study, self._storage):
@@ -383,6 +402,20 @@ class Worker:
                 continue
             return "ran"
         return "idle"
+
+    def _steps(self) -> StepRunner:
+        if self._step_runner is None:
+            identity = self.identity()
+            self._step_runner = StepRunner(
+                storage=self._storage,
+                owner=f"{identity['hostname']}:{identity['pid']}:worker-{self.index}",
+                heartbeat_interval_s=self.settings.heartbeat_interval,
+                grace_period_s=self.settings.grace_period,
+                data_loader=self._prepared_data,
+                artifact_dir=self.settings.artifact_dir,
+                device=self._device(),
+            )
+        return self._step_runner
 
     def _study(self, record: StageRecord, identity: Mapping[str, Any]) -> _WorkerStudy:
         study = self._studies.get(record.study_name)
@@ -409,8 +442,23 @@ class Worker:
             inherited = inherited_params(self._storage, record.space, record.stage)
             self._inherited[record.study_name] = inherited
 
+        latent_model, latents = self._latent_inputs.get(record.study_name, (None, None))
+        if record.space.model == "realnvp-latent" and latent_model is None:
+            latent_model, latents = self._steps().latent_inputs(record, data)
+            self._latent_inputs[record.study_name] = (latent_model, latents)
+
         study.n_trials = record.budget.n_trials
-        frozen = run_trial(study, record.space, record.stage, record.budget, data, inherited=inherited, storage=self._storage)
+        frozen = run_trial(
+            study,
+            record.space,
+            record.stage,
+            record.budget,
+            data,
+            inherited=inherited,
+            latent_model=latent_model,
+            latents=latents,
+            storage=self._storage,
+        )
         self._trials_run += 1
         if frozen.state == TrialState.FAIL and str(frozen.user_attrs.get("fail_message", "")).startswith(
             _STORAGE_FAILURE_PREFIXES
@@ -730,6 +778,8 @@ def _read_trials(
 ) -> dict[str, list[FrozenTrial]]:
     trials = {}
     for record in records:
+        if record.is_step:
+            continue
         study = cache.get(record.study_name)
         if study is None:
             try:
@@ -944,15 +994,18 @@ def prepare_jets(data: str | None, data_dir: Path, n_jets: int | None, profile_n
     return Path(generate_jets(n_jets, folder, seed=0)).resolve()
 
 
-def _run_info(path: Path, n_jets: int | None) -> dict[str, Any]:
+def _run_info(path: Path, n_jets: int | None, artifact_dir: Path) -> dict[str, Any]:
     from hpo.objectives import prepare_data
+    from storage.artifacts import open_artifact_store
 
+    open_artifact_store(artifact_dir)
     data = prepare_data(path, seed=SPLIT_SEED, n_jets=n_jets, device="cpu")
     return {
         "data_path": str(path),
         "n_jets": n_jets,
         "split_seed": SPLIT_SEED,
         "data_fingerprint": data.fingerprint,
+        "artifact_dir": str(Path(artifact_dir).resolve()),
     }
 
 
@@ -962,6 +1015,7 @@ def run_pipeline(
     *,
     data: str | None,
     data_dir: Path,
+    artifact_dir: Path | None = None,
     address: str | None = None,
     workers: int | None = None,
     families: Sequence[str] | None = None,
@@ -975,6 +1029,8 @@ def run_pipeline(
         profile: Run profile. The pipeline is named after it.
         data: Jets file, or None to generate Pythia jets (see :func:`prepare_jets`).
         data_dir: Data directory for generated jets.
+        artifact_dir: Artifact directory for checkpoints, plots and tables that every node
+            reads, by default ``<data_dir>/artifacts``.
         address: Ray cluster to join, or None to start a local Ray instance.
         workers: Number of workers, or None for :func:`default_worker_count`.
         families: Search spaces to run, or None for all.
@@ -994,8 +1050,7 @@ def run_pipeline(
     storage = open_worker_storage(settings)
     plan = stages.plan_pipeline(load_spaces(storage), profile, families)
     for stage in plan.excluded:
-        if stage.kind == stages.SEARCH:
-            logger.info("Leaving out stage %s: %s", stage.name, stage.excluded)
+        logger.info("Leaving out stage %s: %s", stage.name, stage.excluded)
     if not plan.runnable:
         raise RunError(f"Profile {profile.name!r} has no stage that this version of jethpo can run for the chosen search spaces.")
 
@@ -1005,7 +1060,11 @@ def run_pipeline(
         logger.info("Pipeline %s is already finished; nothing to run", plan.name)
         return _final_outcome(storage, [plan.name])
     path = prepare_jets(data, data_dir, profile.n_jets, profile.name)
-    stages.register_pipeline(storage, plan, _run_info(path, profile.n_jets))
+    if artifact_dir is None:
+        from storage.artifacts import resolve_artifact_dir
+
+        artifact_dir = resolve_artifact_dir(None, data_dir)
+    stages.register_pipeline(storage, plan, _run_info(path, profile.n_jets, artifact_dir))
     if existing:
         logger.info("Resuming pipeline %s from the storage %s", plan.name, mask_password(settings.storage_url))
     else:
@@ -1065,15 +1124,15 @@ def run_workers(
         time.sleep(settings.poll_interval_s)
         pipelines = stages.unfinished_pipelines(storage)
 
-    budgets = [
-        record.budget
+    requests = [
+        (record.budget or record.retrain).resources
         for name in pipelines
         for record in stages.load_stage_records(storage, name)
-        if record.budget is not None and not record.is_terminal
+        if (record.budget or record.retrain) is not None and not record.is_terminal
     ]
     trial = Resources(
-        cpus=max((budget.resources.cpus for budget in budgets), default=1.0),
-        gpus=max((budget.resources.gpus for budget in budgets), default=0.0),
+        cpus=max((request.cpus for request in requests), default=1.0),
+        gpus=max((request.gpus for request in requests), default=0.0),
     )
     logger.info("Working on pipelines %s", ", ".join(pipelines))
     return _drive(
@@ -1125,6 +1184,125 @@ def _drive(
             ray.shutdown()
             storage.engine.dispose()
     return outcome
+
+
+def run_step(settings: WorkerSettings, pipeline: str, step: str) -> dict[str, Any]:
+    """Claim one step of a pipeline and run it in this process.
+
+    Args:
+        settings: Storage and heartbeat settings.
+        pipeline: Pipeline name.
+        step: Step name, such as ``retrain:convae-gen``.
+
+    Returns:
+        ``state`` ("done" or "failed") and ``output``, the step's stored output.
+
+    Raises:
+        RunError: The step is unknown, not ready, or claimed by a live process.
+    """
+    import torch
+
+    _configure_worker_logging()
+    worker = Worker(settings, [pipeline], threads=torch.get_num_threads())
+    worker._storage = open_worker_storage(settings)
+    try:
+        records = stages.load_stage_records(worker._storage, pipeline)
+        record = next((item for item in records if item.name == step), None)
+        if record is None or not record.is_step:
+            raise RunError(f"Pipeline {pipeline} has no step {step}.")
+        if record.problem is not None:
+            raise RunError(f"Step {step} of pipeline {pipeline} cannot run: {record.problem}.")
+        if record not in claimable_steps(records, settings.grace_period):
+            waiting = [parent for parent in record.depends_on if parent not in {r.name for r in records if r.state == stages.StageState.DONE}]
+            if record.state == stages.StageState.RUNNING:
+                raise RunError(
+                    f"Step {step} of pipeline {pipeline} is running in {record.claimed_by}. Wait for it, or stop "
+                    f"that process and retry after the grace period of {settings.grace_period} s."
+                )
+            raise RunError(f"Step {step} of pipeline {pipeline} waits for {', '.join(waiting)}. Run 'jethpo run' to finish them.")
+        runner = worker._steps()
+        if not runner.claim(record):
+            raise RunError(f"Step {step} of pipeline {pipeline} was claimed by another process just now.")
+        state = runner.run(record, records)
+        output = stage_table.get_outputs(worker._storage.engine, pipeline).get(step, {})
+        return {"state": state.value, "output": output}
+    finally:
+        worker._storage.engine.dispose()
+
+
+def retrain_by_hand(
+    settings: WorkerSettings,
+    pipeline: str,
+    step: str,
+    *,
+    address: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run a retraining step now, as a Ray task with the step's resources (``jethpo retrain``).
+
+    A failed step is reset and run again. A done step is run again only with ``force``,
+    which also resets the steps that use its model, so the next ``jethpo run`` redoes them.
+
+    Returns:
+        The step's output (see ``hpo.steps.StepRunner``).
+
+    Raises:
+        RunError: The step is done and ``force`` is not set, is running elsewhere, or failed again.
+    """
+    storage = open_worker_storage(settings)
+    try:
+        records = stages.load_stage_records(storage, pipeline)
+        record = next((item for item in records if item.name == step), None)
+        if record is None or record.retrain is None:
+            raise RunError(f"Pipeline {pipeline} has no registered step {step}. Run 'jethpo run' first.")
+        if record.state == stages.StageState.DONE and not force:
+            output = stage_table.get_outputs(storage.engine, pipeline).get(step, {})
+            raise RunError(
+                f"Step {step} of pipeline {pipeline} is done (checkpoint artifact {output.get('checkpoint', '?')}). "
+                f"Pass --force to retrain again."
+            )
+        if record.state == stages.StageState.FAILED or (record.state == stages.StageState.DONE and force):
+            downstream = _downstream(records, step)
+            stage_table.reset_stages(storage.engine, pipeline, [step, *downstream])
+            if downstream:
+                logger.info("Reset %s, which use this retraining; the next 'jethpo run' redoes them", ", ".join(downstream))
+        resources = record.retrain.resources
+    finally:
+        storage.engine.dispose()
+
+    connect_ray(address)
+    import ray
+
+    try:
+        task = ray.remote(run_step).options(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0)
+        logger.info("Retraining %s of pipeline %s as a Ray task with %s", step, pipeline, _describe_resources(
+            {"CPU": resources.cpus, "GPU": resources.gpus}))
+        result = ray.get(task.remote(settings, pipeline, step))
+    except ray.exceptions.RayTaskError as error:
+        cause = getattr(error, "cause", None)
+        raise RunError(str(cause) if cause is not None else str(error).strip().splitlines()[-1]) from None
+    finally:
+        ray.shutdown()
+    if result["state"] != "done":
+        raise RunError(f"Retraining {step} of pipeline {pipeline} failed: {result['output'].get('error', 'see the log')}")
+    return result["output"]
+
+
+def _downstream(records: Sequence[StageRecord], name: str) -> list[str]:
+    """Return the steps that depend on a stage, directly or through other stages.
+
+    Search stages are left out: their trials stay, and a later retraining uses them.
+    """
+    found: list[str] = []
+    frontier = [name]
+    while frontier:
+        current = frontier.pop()
+        for record in records:
+            if current in record.depends_on and record.name not in found:
+                found.append(record.name)
+                frontier.append(record.name)
+    steps = {record.name for record in records if record.is_step}
+    return [item for item in found if item in steps]
 
 
 def _final_outcome(storage: optuna.storages.RDBStorage, pipelines: Sequence[str]) -> PipelineOutcome:

@@ -97,6 +97,12 @@ def postgres_url(postgres_admin_url: URL) -> Iterator[str]:
     yield from _throwaway_database(postgres_admin_url)
 
 
+@pytest.fixture(scope="module")
+def module_postgres_url(postgres_admin_url: URL) -> Iterator[str]:
+    """URL of an empty database of its own for one test module, dropped after the module."""
+    yield from _throwaway_database(postgres_admin_url)
+
+
 @pytest.fixture
 def fresh_postgres_url(postgres_admin_url: URL) -> Iterator[str]:
     """URL of an empty database of its own for one test, dropped after the test."""

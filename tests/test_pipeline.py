@@ -159,22 +159,46 @@ def test_plan_orders_builtin_stages():
     plan = plan_pipeline(builtin_spaces(), load_profile("smoke"))
 
     names = [stage.name for stage in plan.runnable]
-    assert names == ["convae-gen.loss", "convae-rec.loss", "nf.search", "convae-gen.arch", "convae-rec.arch"]
+    assert names[:5] == ["convae-gen.loss", "convae-rec.loss", "nf.search", "convae-gen.arch", "convae-rec.arch"]
+    assert names[-1] == "results:smoke"
+    assert plan.excluded == ()
     arch = next(stage for stage in plan.runnable if stage.name == "convae-gen.arch")
     assert arch.depends_on == ("convae-gen.loss",)
     assert arch.study_name == "convae-gen.arch"
     assert arch.budget.n_trials == 2
 
 
-def test_plan_leaves_out_latent_nf():
+def test_plan_follows_the_data_flow_of_the_design():
     plan = plan_pipeline(builtin_spaces(), load_profile("smoke"))
+    graph = {stage.name: stage.depends_on for stage in plan.stages}
+
+    assert graph["retrain:convae-gen"] == ("convae-gen.loss", "convae-gen.arch")
+    assert graph["evaluate:convae-gen"] == ("retrain:convae-gen",)
+    assert graph["latents:convae-rec"] == ("retrain:convae-rec",)
+    assert graph["latent-nf.search"] == ("latents:convae-rec",)
+    assert graph["retrain:latent-nf"] == ("latent-nf.search",)
+    assert graph["evaluate:latent-nf"] == ("retrain:latent-nf",)
+    assert graph["evaluate:nf"] == ("retrain:nf",)
+    assert graph["results:smoke"] == ("evaluate:convae-gen", "evaluate:latent-nf", "evaluate:nf")
+    # the reconstruction-tuned ConVAE only feeds the latent flow, so it is not evaluated alone
+    assert "evaluate:convae-rec" not in graph
+    assert "latents:convae-gen" not in graph
+    # every stage comes after the stages it depends on
+    position = {stage.name: index for index, stage in enumerate(plan.stages)}
+    assert all(position[parent] < position[name] for name, parents in graph.items() for parent in parents)
+    # a step reads the best trial of its family's last search stage
+    steps = {stage.name: stage for stage in plan.stages}
+    assert steps["retrain:convae-rec"].study_name == "convae-rec.arch"
+    assert steps["retrain:nf"].study_name == "nf.search"
+
+
+def test_plan_leaves_out_latent_nf_without_its_convae():
+    plan = plan_pipeline(builtin_spaces(), load_profile("smoke"), families=["latent-nf", "nf"])
 
     excluded = {stage.name: stage for stage in plan.excluded}
-    assert "latent-nf.search" in excluded
-    assert excluded["latent-nf.search"].depends_on == ("retrain:convae-rec",)
-    assert "retrain:convae-rec" in excluded["latent-nf.search"].excluded
-    assert excluded["retrain:convae-gen"].kind == "retrain"
-    assert excluded["retrain:convae-gen"].depends_on == ("convae-gen.loss", "convae-gen.arch")
+    assert set(excluded) == {"latent-nf.search", "retrain:latent-nf", "evaluate:latent-nf", "results:smoke"}
+    assert "add --family convae-rec" in excluded["results:smoke"].excluded
+    assert [stage.name for stage in plan.runnable] == ["nf.search", "retrain:nf", "evaluate:nf"]
 
 
 def test_plan_of_selected_family(tiny_space, tiny_profile):
@@ -182,7 +206,13 @@ def test_plan_of_selected_family(tiny_space, tiny_profile):
 
     plan = plan_pipeline(spaces, tiny_profile, families=["tiny-nf"])
 
-    assert [stage.name for stage in plan.runnable] == ["tiny-nf.first", "tiny-nf.second"]
+    assert [stage.name for stage in plan.runnable] == [
+        "tiny-nf.first",
+        "tiny-nf.second",
+        "retrain:tiny-nf",
+        "evaluate:tiny-nf",
+        "results:tiny",
+    ]
     assert plan.name == "tiny"
 
 
@@ -257,7 +287,12 @@ def test_register_stores_stages_and_run_attrs(storage, tiny_space, tiny_profile)
     registered(storage, tiny_space, tiny_profile)
 
     records = records_of(storage)
-    assert list(records) == ["tiny-nf.first", "tiny-nf.second"]
+    assert list(records) == ["tiny-nf.first", "tiny-nf.second", "retrain:tiny-nf", "evaluate:tiny-nf", "results:tiny"]
+    retrain = records["retrain:tiny-nf"]
+    assert retrain.is_step and retrain.problem is None
+    assert retrain.study_name == "tiny-nf.second"
+    assert retrain.retrain.epochs == 1
+    assert retrain.depends_on == ("tiny-nf.first", "tiny-nf.second")
     second = records["tiny-nf.second"]
     assert second.state == StageState.PENDING
     assert second.depends_on == ("tiny-nf.first",)
@@ -319,9 +354,13 @@ def test_stage_without_complete_trial_fails_dependents(storage, tiny_space, tiny
 
     events = advance_pipeline(storage, list(records_of(storage).values()), "controller-a")
 
+    # the failure runs down the graph, through the retraining to the results
     assert [(name, state) for name, state, _ in events] == [
         ("tiny-nf.first", StageState.FAILED),
         ("tiny-nf.second", StageState.FAILED),
+        ("retrain:tiny-nf", StageState.FAILED),
+        ("evaluate:tiny-nf", StageState.FAILED),
+        ("results:tiny", StageState.FAILED),
     ]
     assert "tiny-nf.first" in events[1][2]
     assert unfinished_pipelines(storage) == []
