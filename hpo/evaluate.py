@@ -157,7 +157,7 @@ class Sampler(Protocol):
 # metric settings, reference samples and rows
 
 
-def metric_settings(n_reference: int, *, device: str = "cpu") -> JetNetMetricSettings:
+def metric_settings(n_reference: int, *, device: str = "cpu", efp_jobs: int | None = 1) -> JetNetMetricSettings:
     """Choose jetnet metric settings for a reference sample of ``n_reference`` jets.
 
     jetnet's recommended sizes assume 50,000 jets. Each batch size here is capped at the
@@ -170,6 +170,9 @@ def metric_settings(n_reference: int, *, device: str = "cpu") -> JetNetMetricSet
     Args:
         n_reference: Number of reference jets, at least :data:`MIN_REFERENCE_JETS`.
         device: Torch device for FPND's ParticleNet.
+        efp_jobs: Processes for energyflow's EFPs. The default 1 computes them in this
+            process: energyflow forks a pool otherwise, and a fork of a Ray worker, which
+            runs many threads, can deadlock in a lock that another thread held.
 
     Returns:
         The settings, with FPND enabled.
@@ -199,6 +202,7 @@ def metric_settings(n_reference: int, *, device: str = "cpu") -> JetNetMetricSet
         kpd_batch_size=min(defaults.kpd_batch_size, n_reference),
         fpnd_max_jets=min(defaults.fpnd_max_jets, n_reference),
         device=str(device),
+        efp_jobs=efp_jobs,
     )
 
 
@@ -419,7 +423,8 @@ def describe_device(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        return f"{_cpu_model()} CPU, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        return f"{_cpu_model()} CPU, {threads} thread{'s' if threads != 1 else ''}"
     return str(device)
 
 
@@ -975,7 +980,7 @@ def plot_efps(
     *,
     title: str | None = None,
     real_label: str = _REAL_LABEL,
-    efp_jobs: int | None = None,
+    efp_jobs: int | None = 1,
 ) -> Path:
     """Plot the five energy flow polynomials that W1EFP compares, with ratio panels.
 
@@ -991,7 +996,8 @@ def plot_efps(
         path: PNG file to write, parent folders created.
         title: Optional heading of the legend.
         real_label: Legend entry of the real jets.
-        efp_jobs: Processes for energyflow; None uses every CPU.
+        efp_jobs: Processes for energyflow; None uses every CPU. The default 1 avoids
+            forking, which can deadlock in a Ray worker (see :func:`metric_settings`).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.

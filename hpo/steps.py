@@ -443,9 +443,9 @@ class StepRunner:
         sampler = sampler_from_checkpoint(checkpoint, device=data.device)
         test = data.splits.test
         _, reference = reference_halves(test.constituents, test.mask, seed=EVALUATION_SEED)
-        row, generated = evaluate_sampler(
-            sampler, reference, seed=EVALUATION_SEED, batch_size=EVALUATION_BATCH_SIZE
-        )
+        # a batch larger than the sample would be reported but never used
+        batch_size = min(EVALUATION_BATCH_SIZE, len(reference[0]))
+        row, generated = evaluate_sampler(sampler, reference, seed=EVALUATION_SEED, batch_size=batch_size)
         row["family"] = record.family
         row["study"] = record.study_name
 
@@ -493,14 +493,18 @@ class StepRunner:
         rows.append(truth_row(half_a, half_b, seed=EVALUATION_SEED))
         rows.extend(dict(row) for row in PUBLISHED_ROWS)
 
+        # one line per retrained model: which trial, which epoch was kept, which checkpoint
         retrained = {
-            name.split(":", 1)[1]: {key: output.get(key) for key in ("study", "trial", "checkpoint", "best_epoch", "emd_sum", "epochs")}
-            for name, output in outputs.items()
+            name.split(":", 1)[1]: (
+                f"trial {output['trial']} of {output['study']}, epoch {output['best_epoch']} of "
+                f"{output['epochs']} kept (validation EMD_sum {output['emd_sum']:.4g}), checkpoint {output['checkpoint']}"
+            )
+            for name, output in sorted(outputs.items())
             if name.startswith(f"{stages.RETRAIN}:") and "checkpoint" in output
         }
         document = results_document(
             [_json_ready(row) for row in rows],
-            pipeline={"name": record.pipeline, "retrained": retrained},
+            pipeline={"name": record.pipeline, **retrained},
             data={
                 "path": record.run.get("data_path"),
                 "n_jets": record.run.get("n_jets"),
