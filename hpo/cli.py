@@ -538,7 +538,7 @@ WorkersOption = Annotated[
         min=1,
         help=(
             "Number of workers, each running one trial at a time. Defaults to one per GPU when the "
-            "profile's trials request GPUs, else one per two CPU cores of the Ray cluster."
+            "profile's trials request GPUs, else as many as the CPUs of the Ray cluster hold trials."
         ),
         show_default=False,
     ),

@@ -589,8 +589,9 @@ def default_worker_count(cluster: Mapping[str, float], trial: Resources) -> int:
     """Return the default number of workers for a cluster.
 
     One worker per GPU when trials request GPUs (more when they request a fraction of
-    one), else one per two CPU cores, at least 1, and never more than the cluster can run
-    at once.
+    one), else as many as the cluster's CPUs hold trials, at least 1. A worker trains
+    with as many torch threads as its trial requests CPUs, so the CPUs are used without
+    oversubscribing them.
 
     Args:
         cluster: Total resources of the Ray cluster, ``ray.cluster_resources()``.
@@ -601,7 +602,7 @@ def default_worker_count(cluster: Mapping[str, float], trial: Resources) -> int:
     if trial.gpus > 0 and gpus > 0:
         count = math.floor(gpus / trial.gpus + 1e-9)
     else:
-        count = math.floor(cpus / 2)
+        count = math.floor(cpus / max(trial.cpus, 1e-9) + 1e-9)
     return max(1, min(count, _capacity(cluster, trial)))
 
 
