@@ -158,3 +158,28 @@ def test_retrain_of_a_done_step_asks_for_force(smoke_run):
     assert shown.returncode == 1
     assert "--force" in shown.stderr
     assert "Traceback" not in shown.stderr
+
+
+def test_forced_retraining_resets_its_evaluation_and_run_redoes_it(smoke_run):
+    # runs last: it changes the pipeline that the tests above read
+    storage = open_storage(smoke_run["url"])
+    before = {stage.stage: stage.checkpoint for stage in get_stages(storage.engine, "smoke")}
+
+    forced = jethpo("retrain", "nf.search", "--force", env=smoke_run["env"], timeout=600)
+
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert forced.stdout.startswith("Retrained trial")
+    stages = {stage.stage: stage for stage in get_stages(storage.engine, "smoke")}
+    assert stages["retrain:nf"].state.value == "done"
+    assert stages["retrain:nf"].checkpoint != before["retrain:nf"]
+    # the steps that used the old model wait for the next run; the others keep their state
+    assert stages["evaluate:nf"].state.value == "pending"
+    assert stages["results:smoke"].state.value == "pending"
+    assert stages["evaluate:convae-gen"].state.value == "done"
+
+    again = jethpo(*smoke_run["command"], env=smoke_run["env"], timeout=900)
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    stages = {stage.stage: stage for stage in get_stages(storage.engine, "smoke")}
+    assert {stage.state.value for stage in stages.values()} == {"done"}
+    assert stages["evaluate:nf"].checkpoint != before["evaluate:nf"]
