@@ -400,7 +400,7 @@ def test_run_rejects_invalid_input(tmp_path, arguments, message):
     assert "Traceback" not in result.stderr
 
 
-def test_threaded_workers_share_budget_exactly(fresh_postgres_url, jets_path, tiny_files):
+def test_threaded_workers_share_budget_exactly(fresh_postgres_url, jets_path, tiny_files, tmp_path):
     space_path, _ = tiny_files
     storage = open_storage(fresh_postgres_url, heartbeat_interval=1, grace_period=4)
     space, _ = add_space(storage, space_path)
@@ -409,7 +409,13 @@ def test_threaded_workers_share_budget_exactly(fresh_postgres_url, jets_path, ti
     register_pipeline(
         storage,
         plan_pipeline({"tiny-nf": space}, profile),
-        {"data_path": jets_path, "n_jets": 600, "split_seed": 0, "data_fingerprint": data.fingerprint},
+        {
+            "data_path": jets_path,
+            "n_jets": 600,
+            "split_seed": 0,
+            "data_fingerprint": data.fingerprint,
+            "artifact_dir": str(tmp_path / "artifacts"),
+        },
     )
     settings = WorkerSettings(fresh_postgres_url, heartbeat_interval=1, grace_period=4, poll_interval_s=0.2)
     workers = [Worker(settings, ["tiny"], index) for index in range(3)]
@@ -418,8 +424,8 @@ def test_threaded_workers_share_budget_exactly(fresh_postgres_url, jets_path, ti
     for thread in threads:
         thread.start()
 
-    # the controller's part: move the stages along until both are done
-    deadline = time.monotonic() + 120
+    # the controller's part: move the search stages along; the workers run the steps
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         records = load_stage_records(storage, "tiny")
         if all(record.is_terminal for record in records):
@@ -431,7 +437,7 @@ def test_threaded_workers_share_budget_exactly(fresh_postgres_url, jets_path, ti
     states = [stage.state for stage in get_stages(storage.engine, "tiny")]
     storage.engine.dispose()
 
-    assert states == [StageState.DONE] * 2
+    assert states == [StageState.DONE] * 5
     assert len(summaries) == 3
     assert sum(summary["trials"] for summary in summaries) == 6
     trials = assert_budgets_used_exactly(fresh_postgres_url, {"tiny-nf.first": 3, "tiny-nf.second": 3})
