@@ -34,7 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Make or inspect jet data sets.", no_args_is_help=True)
+data_app = typer.Typer(help="Make jet data sets with Pythia 8 and FastJet.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 spaces_app = typer.Typer(help="List, show, validate and add search spaces.", no_args_is_help=True)
 app.add_typer(spaces_app, name="spaces")

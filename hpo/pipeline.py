@@ -360,7 +360,9 @@ def register_pipeline(
     Stages that are already stored keep their state, so registering a pipeline again
     resumes it. Each study gets the profile's budget (``hpo.studies.open_study``) and
     :data:`RUN_ATTR` with the given run information and the stage's trial resources. The
-    study of a retraining step gets :data:`RETRAIN_ATTR`.
+    study of a retraining step gets :data:`RETRAIN_ATTR`. The results step keeps the
+    evaluations registered before, and a done step whose inputs are no longer all done,
+    such as the results step when a new family joins, is set back to pending.
 
     Args:
         storage: Storage returned by ``storage.open_storage``.
@@ -381,7 +383,12 @@ def register_pipeline(
                 "resources": {"cpus": resources.cpus, "gpus": resources.gpus},
             },
         )
+    stored = {row.stage: row for row in stage_table.get_stages(storage.engine, plan.name)}
     for stage in plan.runnable:
+        depends_on = stage.depends_on
+        if stage.kind == RESULTS and stage.name in stored:
+            # a run of some families adds their evaluations to the table of the others
+            depends_on = tuple(dict.fromkeys((*stored[stage.name].depends_on, *stage.depends_on)))
         if stage.kind == RETRAIN:
             budget = plan.profile.retrain_budget(stage.space)
             study_id = storage.get_study_id_from_name(stage.study_name)
@@ -401,8 +408,26 @@ def register_pipeline(
             stage.name,
             study_name=stage.study_name,
             family=stage.family,
-            depends_on=stage.depends_on,
+            depends_on=depends_on,
         )
+
+    # a done step whose inputs are not all done any more, such as the results step after a
+    # new family joined the pipeline, runs again once they are
+    rows = {row.stage: row for row in stage_table.get_stages(storage.engine, plan.name)}
+    states = {name: row.state for name, row in rows.items()}
+    stale: list[str] = []
+    changed = True
+    while changed:
+        changed = False
+        for name, row in rows.items():
+            parents = [states[parent] for parent in row.depends_on if parent in states]
+            if ":" in name and states[name] == StageState.DONE and any(state != StageState.DONE for state in parents):
+                states[name] = StageState.PENDING
+                stale.append(name)
+                changed = True
+    if stale:
+        stage_table.reset_stages(storage.engine, plan.name, stale)
+        logger.info("Steps %s will run again, because stages they depend on are not done", ", ".join(stale))
 
 
 # trial counts

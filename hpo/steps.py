@@ -27,7 +27,9 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -69,6 +71,10 @@ RESULTS_FOLDER = "results"
 
 WORK_FOLDER = "work"
 """Folder under the artifact directory with the checkpoints and training states of running steps."""
+
+
+_SHIPPED_EVALUATED = ("convae-gen", "latent-nf", "nf")
+"""Shipped search spaces whose models the table labels by model name alone."""
 
 
 class StepError(Exception):
@@ -193,6 +199,8 @@ class StepRunner:
             return StageState.FAILED
 
         stage_table.set_output(engine, record.pipeline, record.name, output)
+        # everything in the work folder is in the artifact store now, or was a download
+        shutil.rmtree(self._work_dir(record), ignore_errors=True)
         main = output.get("checkpoint") or output.get("latents") or output.get("generated") or output.get("document_id")
         stage_table.finish_stage(engine, record.pipeline, record.name, StageState.DONE, checkpoint=main, owner=self.owner)
         logger.info("Step %s of pipeline %s is done", record.name, record.pipeline)
@@ -266,14 +274,22 @@ class StepRunner:
 
         data = self.data_loader(record)
         study = optuna.load_study(study_name=record.study_name, storage=self.storage)
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not complete:
-            raise StepError(f"Study {record.study_name} has no COMPLETE trial to retrain.")
-        best = study.best_trial
+
+        # the best COMPLETE trial of all the family's search stages: an arch stage's best
+        # can be worse than the loss stage's best with its fixed architecture
+        candidates = []
+        for study_name in record.depends_on:
+            searched = optuna.load_study(study_name=study_name, storage=self.storage)
+            for trial in searched.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                if trial.value is not None and math.isfinite(trial.value):
+                    candidates.append((trial.value, study_name, trial.number, trial))
+        if not candidates:
+            raise StepError(f"Studies {', '.join(record.depends_on)} have no COMPLETE trial to retrain.")
+        _, best_study, _, best = min(candidates, key=lambda item: item[:3])
         params = best.user_attrs.get("params")
         if not params:
             raise StepError(
-                f"Best trial {best.number} of study {record.study_name} has no 'params' user attribute. "
+                f"Best trial {best.number} of study {best_study} has no 'params' user attribute. "
                 f"Enqueue its parameters again with 'jethpo enqueue' and rerun."
             )
         seed = int(best.user_attrs.get("seed", 0))
@@ -287,25 +303,27 @@ class StepRunner:
             import torch
 
             saved = torch.load(state_path, map_location="cpu", weights_only=True)
-            if saved.get("trial") == best.number and saved.get("data_fingerprint") == data.fingerprint:
+            same_trial = saved.get("trial") == best.number and saved.get("study", best_study) == best_study
+            if same_trial and saved.get("data_fingerprint") == data.fingerprint:
                 resume = saved["training"]
                 logger.info(
                     "Resuming the retraining of trial %d of study %s after epoch %s",
                     best.number,
-                    record.study_name,
+                    best_study,
                     resume.get("epoch"),
                 )
 
         def save_state(state: dict) -> None:
             _atomic_torch_save(
-                {"trial": best.number, "data_fingerprint": data.fingerprint, "training": state}, state_path
+                {"trial": best.number, "study": best_study, "data_fingerprint": data.fingerprint, "training": state},
+                state_path,
             )
 
         budget = record.retrain
         logger.info(
             "Retraining trial %d of study %s (validation EMD_sum %.6g) for %d epochs, evaluated every %d",
             best.number,
-            record.study_name,
+            best_study,
             best.value,
             budget.epochs,
             budget.eval_every,
@@ -326,7 +344,7 @@ class StepRunner:
         # checkpoint
         checkpoint = dict(result.checkpoint)
         checkpoint.update(
-            {"params": dict(params), "study": record.study_name, "trial": best.number, "history": history}
+            {"params": dict(params), "study": best_study, "trial": best.number, "history": history}
         )
         checkpoint_path = save_checkpoint(checkpoint, work / f"{record.family}-retrained.pt")
         checkpoint_id = self._upload(record, checkpoint_path)
@@ -334,7 +352,7 @@ class StepRunner:
         # EMD_sum against epoch
         plot = results_path(self._artifact_dir(record), record.pipeline) / "plots" / f"emd-sum-{record.family}.png"
         plot_training_history(
-            [tuple(item) for item in history], f"Retraining of {record.study_name} trial {best.number}", plot
+            [tuple(item) for item in history], f"Retraining of {best_study} trial {best.number}", plot
         )
         plot_id = self._upload(record, plot)
 
@@ -342,6 +360,7 @@ class StepRunner:
             "retrained",
             {
                 "checkpoint": checkpoint_id,
+                "study": best_study,
                 "trial": best.number,
                 "best_epoch": result.best_epoch,
                 "emd_sum": result.best_emd_sum,
@@ -352,14 +371,14 @@ class StepRunner:
         logger.info(
             "Retrained trial %d of study %s: validation EMD_sum %.6g at epoch %d of %d",
             best.number,
-            record.study_name,
+            best_study,
             result.best_emd_sum,
             result.best_epoch,
             budget.epochs,
         )
         return {
             "checkpoint": checkpoint_id,
-            "study": record.study_name,
+            "study": best_study,
             "trial": best.number,
             "params": dict(params),
             "seed": seed,
@@ -448,6 +467,9 @@ class StepRunner:
         row, generated = evaluate_sampler(sampler, reference, seed=EVALUATION_SEED, batch_size=batch_size)
         row["family"] = record.family
         row["study"] = record.study_name
+        if record.family not in _SHIPPED_EVALUATED:
+            # a user's search space gets its own label next to the shipped one of its model
+            row["label"] = f"{row['label']} ({record.family})"
 
         # generated jets, for the combined plots of the results step
         work = self._work_dir(record)

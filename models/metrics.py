@@ -420,7 +420,7 @@ def jetnet_metrics(
             num_points=settings.fpd_points,
             seed=seeds["fpd"],
         )
-        results["fpd"], results["fpd_err"] = float(fpd_value), float(fpd_error)
+        results["fpd"], results["fpd_err"] = _checked_fpd(float(fpd_value), float(fpd_error))
 
         kpd_value, kpd_error = gen_metrics.kpd(
             reference_features,
@@ -452,6 +452,20 @@ def jetnet_metrics(
         kpd_batch_size,
     )
     return results
+
+
+def _checked_fpd(value: float, error: float) -> tuple[float, float]:
+    """Return jetnet's FPD, or NaN when its extrapolation fit did not run.
+
+    jetnet fits a line to the Frechet distances of several batch sizes with scipy's
+    ``curve_fit``, whose starting point is 1.0. When those distances are not finite, as
+    for the EFPs of jets far outside the jet cone, the fit returns that starting point with
+    a zero error, which would read as a good FPD of 1.0 +- 0.
+    """
+    if value == 1.0 and error == 0.0:
+        logger.warning("jetnet's FPD fit returned its starting point 1.0 with no error, so FPD is reported as NaN")
+        return math.nan, math.nan
+    return value, error
 
 
 def _diverged_metrics(settings: JetNetMetricSettings) -> dict[str, float]:

@@ -563,3 +563,12 @@ def test_settings_reject_invalid_sizes():
         JetNetMetricSettings(num_batches=0)
     with pytest.raises(MetricInputError, match="fpd_min_samples"):
         JetNetMetricSettings(fpd_min_samples=100, fpd_max_samples=100)
+
+
+def test_fpd_fit_that_did_not_run_is_reported_as_nan():
+    from models.metrics import _checked_fpd
+
+    # jetnet's curve_fit returns its starting point 1.0 with zero error when it cannot fit
+    assert all(math.isnan(value) for value in _checked_fpd(1.0, 0.0))
+    assert _checked_fpd(1.0, 0.02) == (1.0, 0.02)
+    assert _checked_fpd(15.3, 0.0) == (15.3, 0.0)

@@ -588,3 +588,28 @@ def test_live_view_prints_logs_above_table():
     assert handler.stream is stream
     assert "Trial 0 of study nf.search failed (nan_loss)" in stream.getvalue()
     assert "nf.search" in stream.getvalue()
+
+
+def test_register_again_reruns_done_steps_whose_inputs_are_not_done(storage, tiny_space, tiny_profile):
+    from storage.pipeline import finish_stage
+
+    registered(storage, tiny_space, tiny_profile)
+    # as after a run in which the results step finished, then the retraining was reset
+    for name in ("evaluate:tiny-nf", "results:tiny"):
+        finish_stage(storage.engine, "tiny", name, StageState.DONE)
+
+    registered(storage, tiny_space, tiny_profile)
+
+    states = {stage.stage: stage.state for stage in get_stages(storage.engine, "tiny")}
+    assert states["evaluate:tiny-nf"] == StageState.PENDING
+    assert states["results:tiny"] == StageState.PENDING
+
+
+def test_results_step_keeps_evaluations_of_earlier_runs(storage, tiny_space, tiny_profile):
+    other = parse_space(TINY_SPACE.replace("name: tiny-nf", "name: other-nf"), "other space")
+    register_pipeline(storage, plan_pipeline({"tiny-nf": tiny_space, "other-nf": other}, tiny_profile, ["tiny-nf"]), RUN_INFO)
+
+    register_pipeline(storage, plan_pipeline({"tiny-nf": tiny_space, "other-nf": other}, tiny_profile, ["other-nf"]), RUN_INFO)
+
+    results = next(stage for stage in get_stages(storage.engine, "tiny") if stage.stage == "results:tiny")
+    assert results.depends_on == ("evaluate:tiny-nf", "evaluate:other-nf")
