@@ -1,0 +1,512 @@
+"""Orchestration overhead per trial: jethpo's worker step against plain ``study.optimize``.
+
+Both paths run a no-op objective on the same PostgreSQL database, in one process, at a given
+number of finished trials in their study:
+
+- ``jethpo``: ``hpo.workers.Worker._step``, the loop body of a Ray worker, called directly.
+  It reads the pipeline's stages, fails stale trials, counts the budget, takes the
+  ``hpo.pipeline.budget_lock``, asks (``_WorkerStudy.ask``), records heartbeats, stores the
+  trial's user attributes, reports one intermediate value, asks the pruner and tells,
+  through the storage of ``storage.open_storage``. Only ``hpo.objectives.train_params`` is
+  replaced, by a function that reports one value and returns it.
+- ``optuna``: ``optuna.Study.optimize`` on a plain ``optuna.storages.RDBStorage`` with the
+  same sampler and pruner, whose objective suggests the same parameter, reports one value,
+  asks the pruner and returns the value.
+
+A third case, ``jethpo_cached_spaces``, is the jethpo path with ``parse_space`` memoized
+(:func:`cached_space_parsing`), the fix proposed for its largest CPU cost. Blocks of
+``--block`` trials of the three cases alternate ``--repeats`` times at every level, and the
+table shows the median time per trial and the SQL statements and commits per trial. Studies are filled up to each level with
+a bulk insert (:func:`fill_study`), with the user attributes that each path stores itself.
+
+Run from the repository root::
+
+    python -m bench.orchestration                       # levels 100 and 1,000: about 1 minute
+    python -m bench.orchestration --levels 100 1000 10000   # up to 10,000 trials: about 6 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import logging
+import pstats
+import random
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from bench.common import (
+    DEFAULT_POSTGRES_ADMIN_URL,
+    interleave,
+    jets_file,
+    median,
+    print_table,
+    throwaway_postgres,
+    write_results,
+)
+
+__all__ = ["main", "noop_objective"]
+
+logger = logging.getLogger(__name__)
+
+PIPELINE = "bench"
+
+# One stage tuning one parameter, as in a RealNVP loss stage. The pruner is the one the
+# shipped spaces use, so that report + should_prune cost what they cost in a real search.
+SPACE_TEMPLATE = """
+name: bench-noop
+description: One-stage space whose trials the orchestration benchmark runs with a no-op objective.
+model: realnvp-flat
+objective: generation
+sampler: {{type: {sampler}, seed: 0}}
+pruner: {{type: median, n_startup_trials: 5, n_warmup_steps: 0}}
+stages:
+  - name: search
+    params:
+      lr: {{type: float, low: 1.0e-5, high: 1.0e-1, log: true}}
+    fixed: {{n_flows: 2, n_mlp_layers: 1, nodes_1: 16}}
+"""
+
+PROFILE = """
+name: bench
+n_jets: 600
+models:
+  convae: &budget
+    search: {n_trials: 1000000, epochs: 1, batch_size: 100, eval_every: 1, resources: {cpus: 1, gpus: 0}}
+    retrain: {epochs: 1, batch_size: 100, eval_every: 1, resources: {cpus: 1, gpus: 0}}
+  realnvp-latent: *budget
+  realnvp-flat: *budget
+"""
+
+N_JETS = 600
+LR_DISTRIBUTION = FloatDistribution(1.0e-5, 1.0e-1, log=True)
+
+
+def noop_train_params(space, params, budget, data, *, seed, report=None, **ignored):
+    """Stand in for ``hpo.objectives.train_params``: report the learning rate once and return it."""
+    from models.training import TrainingResult
+
+    value = float(params["lr"])
+    if report is not None:
+        report(1, value)
+    return TrainingResult(best_emd_sum=value, best_epoch=1)
+
+
+def noop_objective(trial: optuna.Trial) -> float:
+    """Plain Optuna objective with the same suggestion, report and pruning check as the jethpo path."""
+    value = trial.suggest_float("lr", LR_DISTRIBUTION.low, LR_DISTRIBUTION.high, log=True)
+    trial.report(value, 1)
+    if trial.should_prune():
+        raise optuna.TrialPruned()
+    return value
+
+
+@contextlib.contextmanager
+def noop_training() -> Iterator[None]:
+    """Replace ``hpo.objectives.train_params`` in this process for the duration of the block."""
+    import hpo.objectives
+
+    original = hpo.objectives.train_params
+    hpo.objectives.train_params = noop_train_params
+    try:
+        yield
+    finally:
+        hpo.objectives.train_params = original
+
+
+def fill_study(study: optuna.Study, storage: optuna.storages.RDBStorage, target: int, user_attrs: dict[str, Any], rng: random.Random) -> float:
+    """Insert COMPLETE trials until the study has ``target`` trials; return the seconds it took.
+
+    The trials go in with one bulk insert into Optuna's tables (``optuna.storages._rdb.models``,
+    Optuna 5.1), because ``Study.add_trials`` took 55 ms per trial on the shared development
+    machine, 10 minutes per study for 10,000 trials. Each trial has the parameter, value,
+    intermediate value and user attributes that a real trial of its path would have.
+    """
+    import datetime
+    import json
+
+    from optuna.distributions import distribution_to_json
+    from optuna.storages._rdb import models
+
+    started = time.perf_counter()
+    existing = len(study.get_trials(deepcopy=False))
+    missing = max(0, target - existing)
+    distribution_json = distribution_to_json(LR_DISTRIBUTION)
+    now = datetime.datetime.now()
+    session = storage.scoped_session()
+    try:
+        for first in range(0, missing, 2000):
+            trials = []
+            for number in range(existing + first, existing + min(first + 2000, missing)):
+                value = LR_DISTRIBUTION.low * (LR_DISTRIBUTION.high / LR_DISTRIBUTION.low) ** rng.random()
+                trial = models.TrialModel(
+                    number=number,
+                    study_id=study._study_id,
+                    state=TrialState.COMPLETE,
+                    datetime_start=now,
+                    datetime_complete=now,
+                )
+                trial.params = [
+                    models.TrialParamModel(
+                        param_name="lr",
+                        param_value=LR_DISTRIBUTION.to_internal_repr(value),
+                        distribution_json=distribution_json,
+                    )
+                ]
+                trial.values = [
+                    models.TrialValueModel(objective=0, value=value, value_type=models.TrialValueModel.TrialValueType.FINITE)
+                ]
+                trial.intermediate_values = [
+                    models.TrialIntermediateValueModel(
+                        step=1,
+                        intermediate_value=value,
+                        intermediate_value_type=models.TrialIntermediateValueModel.TrialIntermediateValueType.FINITE,
+                    )
+                ]
+                trial.user_attributes = [
+                    models.TrialUserAttributeModel(key=key, value_json=json.dumps(attr)) for key, attr in user_attrs.items()
+                ]
+                trials.append(trial)
+            session.add_all(trials)
+            session.commit()
+    finally:
+        session.close()
+    return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def cached_space_parsing() -> Iterator[None]:
+    """Memoize ``hpo.spaces.parse_space`` on its arguments for the duration of the block.
+
+    This is the fix proposed for the largest CPU cost of a worker step: every step parses the
+    YAML of every shipped and stored search space again (``hpo.studies.load_spaces``), and
+    a space's text and source fully determine the parsed ``Space``.
+    """
+    import functools
+
+    import hpo.spaces
+    import hpo.studies
+
+    original = hpo.spaces.parse_space
+    cached = functools.lru_cache(maxsize=256)(original)
+    hpo.spaces.parse_space = cached
+    hpo.studies.parse_space = cached
+    try:
+        yield
+    finally:
+        hpo.spaces.parse_space = original
+        hpo.studies.parse_space = original
+
+
+class StatementCounter:
+    """Count the SQL statements and commits that a SQLAlchemy engine sends."""
+
+    def __init__(self, engine) -> None:
+        from sqlalchemy import event
+
+        self.statements = 0
+        self.commits = 0
+        self.write_commits = 0
+        self._wrote = False
+        self.log: list[str] | None = None
+        event.listen(engine, "before_cursor_execute", self._statement)
+        event.listen(engine, "commit", self._commit)
+
+    def _statement(self, connection, cursor, statement: str, *args: Any) -> None:
+        self.statements += 1
+        if statement.lstrip()[:6].upper() in ("INSERT", "UPDATE", "DELETE"):
+            self._wrote = True
+        if self.log is not None:
+            self.log.append(" ".join(statement.split())[:100])
+
+    def _commit(self, *args: Any) -> None:
+        self.commits += 1
+        self.write_commits += self._wrote
+        self._wrote = False
+        if self.log is not None:
+            self.log.append("COMMIT")
+
+    def snapshot(self) -> tuple[int, int, int]:
+        return self.statements, self.commits, self.write_commits
+
+
+def probe_database(url: str, repeats: int = 200) -> dict[str, float]:
+    """Measure the median latency of a ``SELECT 1`` round trip and of a one-row INSERT + COMMIT.
+
+    Every write transaction of a trial waits for PostgreSQL to flush its write-ahead log
+    (``synchronous_commit`` is on by default), so the second number is the cost floor of
+    each write transaction.
+    """
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    select_ms, insert_ms = [], []
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text("CREATE TABLE IF NOT EXISTS bench_probe (id serial PRIMARY KEY, value float)"))
+        connection.commit()
+        for _ in range(repeats):
+            started = time.perf_counter()
+            connection.execute(sqlalchemy.text("SELECT 1")).scalar()
+            select_ms.append((time.perf_counter() - started) * 1e3)
+            connection.commit()
+            started = time.perf_counter()
+            connection.execute(sqlalchemy.text("INSERT INTO bench_probe (value) VALUES (1.0)"))
+            connection.commit()
+            insert_ms.append((time.perf_counter() - started) * 1e3)
+        synchronous_commit = connection.execute(sqlalchemy.text("SHOW synchronous_commit")).scalar()
+    engine.dispose()
+    return {
+        "select_1_ms": median(select_ms),
+        "insert_commit_ms": median(insert_ms),
+        "synchronous_commit": synchronous_commit,
+    }
+
+
+# (file name ending, function name) of the steps shown in the per-trial breakdown
+BREAKDOWN_FUNCTIONS = {
+    "worker step (total)": ("hpo/workers.py", "_step"),
+    "load_stage_records": ("hpo/pipeline.py", "load_stage_records"),
+    "  parse_space (YAML)": ("hpo/spaces.py", "parse_space"),
+    "hpo.pipeline.fail_stale_trials": ("hpo/pipeline.py", "fail_stale_trials"),
+    "optuna fail_stale_trials": ("optuna/storages/_heartbeat.py", "fail_stale_trials"),
+    "count_trials + get_trials in _step": ("hpo/pipeline.py", "count_trials"),
+    "run_trial": ("hpo/objectives.py", "run_trial"),
+    "  _WorkerStudy.ask (lock, budget, ask)": ("hpo/workers.py", "ask"),
+    "  Trial.set_user_attr": ("optuna/trial/_trial.py", "set_user_attr"),
+    "  Trial.report": ("optuna/trial/_trial.py", "report"),
+    "  Trial.should_prune": ("optuna/trial/_trial.py", "should_prune"),
+    "  Study.tell": ("optuna/study/study.py", "tell"),
+}
+
+
+def breakdown(profile: cProfile.Profile, trials: int) -> dict[str, dict[str, float]]:
+    """Return cumulative milliseconds and calls per trial of :data:`BREAKDOWN_FUNCTIONS`."""
+    stats = pstats.Stats(profile).stats
+    result = {}
+    for label, (file_end, function) in BREAKDOWN_FUNCTIONS.items():
+        calls = 0
+        seconds = 0.0
+        for (filename, _, name), (_, total_calls, _, cumulative, _) in stats.items():
+            if name == function and filename.endswith(file_end):
+                calls += total_calls
+                seconds += cumulative
+        result[label] = {"ms_per_trial": seconds * 1e3 / trials, "calls_per_trial": calls / trials}
+    return result
+
+
+def _top_functions(profile: cProfile.Profile, count: int = 40) -> str:
+    stream = io.StringIO()
+    pstats.Stats(profile, stream=stream).sort_stats("cumulative").print_stats(count)
+    return stream.getvalue()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark with command-line arguments ``argv`` and return what it writes to its JSON file."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", type=int, nargs="+", default=[100, 1000], help="finished trials in the study before each measurement")
+    parser.add_argument("--block", type=int, default=10, help="trials per timed block")
+    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per path and level")
+    parser.add_argument("--sampler", choices=("random", "tpe"), default="random", help="sampler of both paths")
+    parser.add_argument("--profile", action="store_true", help="also run one cProfile'd block of the jethpo path per level")
+    parser.add_argument("--admin-url", default=DEFAULT_POSTGRES_ADMIN_URL, help="PostgreSQL URL allowed to create databases")
+    parser.add_argument("--jets", default=None, help="jets file for the worker's data preparation; default: generated Pythia jets")
+    args = parser.parse_args(argv)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+
+    from hpo.objectives import prepare_data
+    from hpo.pipeline import advance_pipeline, load_stage_records, plan_pipeline, register_pipeline
+    from hpo.spaces import parse_profile
+    from hpo.studies import add_space
+    from hpo.workers import Worker, WorkerSettings, open_worker_storage
+    from storage import open_storage
+
+    path = jets_file(args.jets, N_JETS)
+    rows: list[dict[str, Any]] = []
+    profiles: dict[int, str] = {}
+    with throwaway_postgres(args.admin_url, "orchestration") as url, noop_training(), tempfile.TemporaryDirectory() as folder:
+        # the pipeline, registered as `jethpo run` does
+        storage = open_storage(url)
+        space_file = Path(folder) / "bench-noop.yaml"
+        space_file.write_text(SPACE_TEMPLATE.format(sampler=args.sampler))
+        space, _ = add_space(storage, space_file)
+        data = prepare_data(path, n_jets=N_JETS)
+        register_pipeline(
+            storage,
+            plan_pipeline({space.name: space}, parse_profile(PROFILE, "benchmark profile")),
+            {"data_path": str(path), "n_jets": N_JETS, "split_seed": 0, "data_fingerprint": data.fingerprint},
+        )
+        advance_pipeline(storage, load_stage_records(storage, PIPELINE), "bench-controller")
+
+        # the worker, as a Ray actor would run it
+        settings = WorkerSettings(url)
+        worker = Worker(settings, [PIPELINE], index=0)
+        worker._storage = open_worker_storage(settings)
+        identity = worker.identity()
+        jethpo_study = optuna.load_study(study_name=space.stages[0].study_name, storage=storage)
+        jethpo_attrs = {
+            "seed": 123456789,
+            "data_fingerprint": data.fingerprint,
+            "device": "cpu",
+            "params": {"lr": 1.0e-3, "n_flows": 2, "n_mlp_layers": 1, "nodes_1": 16},
+            "wall_time_s": 0.05,
+            "best_epoch": 1,
+            "node_id": "local",
+            "hostname": socket.gethostname(),
+            "pid": 1,
+            "worker": 0,
+        }
+
+        # plain Optuna on the same database
+        plain_storage = optuna.storages.RDBStorage(url)
+        plain_study = optuna.create_study(
+            study_name="plain-noop",
+            storage=plain_storage,
+            sampler=space.create_sampler(0),
+            pruner=space.create_pruner(),
+        )
+
+        jethpo_counter = StatementCounter(worker._storage.engine)
+        optuna_counter = StatementCounter(plain_storage.engine)
+        counts: dict[str, list[tuple[int, int]]] = {}
+
+        def run_jethpo() -> None:
+            for _ in range(args.block):
+                step = worker._step(identity)
+                if step != "ran":
+                    raise RuntimeError(f"the worker step returned {step!r} instead of running a trial")
+
+        def timed(name: str, run: Any, counter: StatementCounter) -> Any:
+            def block() -> float:
+                before = counter.snapshot()
+                started = time.perf_counter()
+                run()
+                seconds = time.perf_counter() - started
+                after = counter.snapshot()
+                counts.setdefault(name, []).append(tuple(a - b for a, b in zip(after, before)))
+                return seconds / args.block
+
+            return block
+
+        def run_jethpo_cached() -> None:
+            with cached_space_parsing():
+                run_jethpo()
+
+        cases = {
+            "jethpo": timed("jethpo", run_jethpo, jethpo_counter),
+            "optuna": timed("optuna", lambda: plain_study.optimize(noop_objective, n_trials=args.block), optuna_counter),
+            "jethpo_cached_spaces": timed("jethpo_cached_spaces", run_jethpo_cached, jethpo_counter),
+        }
+
+        database = probe_database(url)
+        print(
+            f"database round trips: SELECT 1 {database['select_1_ms']:.2f} ms, one-row INSERT + COMMIT "
+            f"{database['insert_commit_ms']:.2f} ms (synchronous_commit {database['synchronous_commit']})",
+            flush=True,
+        )
+
+        # warm-up: the worker prepares its data and both paths open their connections
+        worker._step(identity)
+        plain_study.optimize(noop_objective, n_trials=1)
+
+        rng = random.Random(0)
+        for level in args.levels:
+            fill_seconds = fill_study(jethpo_study, storage, level, jethpo_attrs, rng)
+            fill_seconds += fill_study(plain_study, plain_storage, level, {}, rng)
+            counts.clear()
+            times = interleave(cases, args.repeats)
+            failed = jethpo_study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if failed:
+                raise RuntimeError(f"{len(failed)} jethpo trials failed: {failed[0].user_attrs.get('fail_message')}")
+            row: dict[str, Any] = {"finished_trials": level, "fill_s": fill_seconds}
+            for name, values in times.items():
+                row[f"{name}_ms_per_trial"] = median(values) * 1e3
+                row[f"{name}_blocks_ms"] = [value * 1e3 for value in values]
+                row[f"{name}_statements_per_trial"] = median([pair[0] for pair in counts[name]]) / args.block
+                row[f"{name}_commits_per_trial"] = median([pair[1] for pair in counts[name]]) / args.block
+                row[f"{name}_write_commits_per_trial"] = median([pair[2] for pair in counts[name]]) / args.block
+            row["ratio"] = row["jethpo_ms_per_trial"] / row["optuna_ms_per_trial"]
+            row["ratio_cached_spaces"] = row["jethpo_cached_spaces_ms_per_trial"] / row["optuna_ms_per_trial"]
+            rows.append(row)
+            print(
+                f"{level} finished trials: jethpo {row['jethpo_ms_per_trial']:.1f} ms, optuna "
+                f"{row['optuna_ms_per_trial']:.1f} ms, jethpo with cached spaces "
+                f"{row['jethpo_cached_spaces_ms_per_trial']:.1f} ms per trial (filling took {fill_seconds:.0f} s)",
+                flush=True,
+            )
+            if args.profile:
+                # the statements of one trial, then a profiled block
+                jethpo_counter.log = []
+                worker._step(identity)
+                statement_log = jethpo_counter.log
+                jethpo_counter.log = None
+                profile = cProfile.Profile()
+                profile.enable()
+                run_jethpo()
+                profile.disable()
+                profiles[level] = {
+                    "breakdown": breakdown(profile, args.block),
+                    "top": _top_functions(profile),
+                    "statements_of_one_trial": statement_log,
+                }
+
+        worker._storage.engine.dispose()
+        storage.engine.dispose()
+        plain_storage.engine.dispose()
+
+    print_table(
+        rows,
+        [
+            "finished_trials",
+            "jethpo_ms_per_trial",
+            "optuna_ms_per_trial",
+            "ratio",
+            "jethpo_cached_spaces_ms_per_trial",
+            "ratio_cached_spaces",
+        ],
+        title=f"Orchestration overhead, median of {args.repeats} blocks of {args.block} trials ({args.sampler} sampler)",
+    )
+    print_table(
+        rows,
+        [
+            "finished_trials",
+            "jethpo_statements_per_trial",
+            "jethpo_commits_per_trial",
+            "jethpo_write_commits_per_trial",
+            "optuna_statements_per_trial",
+            "optuna_commits_per_trial",
+            "optuna_write_commits_per_trial",
+        ],
+        title="SQL statements and commits per trial",
+    )
+    for level, profile in profiles.items():
+        lines = [{"step": label, **values} for label, values in profile["breakdown"].items()]
+        print_table(lines, ["step", "ms_per_trial", "calls_per_trial"], title=f"cProfile of the jethpo path at {level} finished trials")
+    payload = {
+        "settings": vars(args),
+        "database": database,
+        "rows": rows,
+        "targets": {"max_ratio": 1.2, "max_ms_per_trial_at_10000": 50.0},
+        "profiles": profiles,
+    }
+    write_results("orchestration", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    main()
