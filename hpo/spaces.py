@@ -87,6 +87,7 @@ the line where known, the key path and the value, and says what to change.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -1698,8 +1699,13 @@ def _check_realnvp_layers(checker: _Checker, stage: Stage, path: tuple) -> None:
                 )
 
 
+@functools.lru_cache(maxsize=256)
 def parse_space(text: str, source: str) -> Space:
     """Parse and validate the YAML text of a search space.
+
+    Results are cached by text and source, because every worker step reads the stored
+    spaces again, and parsing took about 20 ms per trial (``bench/orchestration.py``). A
+    Space is a frozen dataclass, so the cached object is shared, never changed.
 
     Args:
         text: YAML text in the schema of this module's docstring.

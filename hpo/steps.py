@@ -217,8 +217,8 @@ class StepRunner:
                     if not stage_table.touch_stage(self.storage.engine, record.pipeline, record.name, self.owner):
                         logger.warning("Step %s of pipeline %s was taken over by another process", record.name, record.pipeline)
                         return
-                except Exception as error:  # an outage: the next touch may succeed
-                    logger.warning("Could not touch step %s of pipeline %s: %s", record.name, record.pipeline, error)
+                except Exception as error:  # an outage, after which the next touch may succeed
+                    logger.warning("Failed to touch step %s of pipeline %s: %s", record.name, record.pipeline, error)
 
         thread = threading.Thread(target=touch, name=f"touch {record.name}", daemon=True)
         thread.start()

@@ -394,6 +394,15 @@ class _TrainingRun:
         return self.result
 
 
+def _adam(parameters, lr: float) -> torch.optim.Adam:
+    """Create Adam with its fused kernel, which PyTorch picks by default only for CUDA tensors.
+
+    On the CPU, Adam's default per-tensor loop took 29 % to 40 % of a ConVAE training step
+    (``bench/training.py``), and the fused kernel made an epoch 1.27 to 1.59 times faster.
+    """
+    return torch.optim.Adam(parameters, lr=lr, fused=True)
+
+
 def train_convae(
     model: ConVAE,
     train_scaled: Tensor,
@@ -459,7 +468,7 @@ def train_convae(
     torch.manual_seed(seed)
     batch_generator = torch.Generator().manual_seed(seed)
     sample_generator = torch.Generator().manual_seed(seed + 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = _adam(model.parameters(), lr)
     validation_gev = _jets_in_gev(validation_scaled, scaler)
 
     def make_checkpoint() -> dict:
@@ -594,7 +603,7 @@ def train_realnvp(
     torch.manual_seed(seed)
     batch_generator = torch.Generator().manual_seed(seed)
     sample_generator = torch.Generator().manual_seed(seed + 1)
-    optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
+    optimizer = _adam(flow.parameters(), lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)
 
     def make_checkpoint() -> dict:

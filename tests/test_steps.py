@@ -138,7 +138,7 @@ def test_only_one_of_many_claimers_gets_a_step(settings, jets_path, tmp_path):
     assert stored["retrain:flat"].claimed_by == won[0]
 
 
-def test_a_touched_step_is_kept_and_a_silent_one_is_taken_over(settings, jets_path, tmp_path):
+def test_step_claim_kept_while_touched(settings, jets_path, tmp_path):
     storage, records = searched_pipeline(settings.storage_url, jets_path, tmp_path)
     engine = storage.engine
     from storage.pipeline import claim_stage
@@ -179,7 +179,7 @@ def test_outputs_are_replaced_not_duplicated(settings, jets_path, tmp_path):
 # retraining
 
 
-def test_retraining_keeps_the_best_checkpoint_and_links_it_from_the_study(settings, jets_path, tmp_path):
+def test_retrain_keeps_best_checkpoint(settings, jets_path, tmp_path):
     storage, records = searched_pipeline(settings.storage_url, jets_path, tmp_path, epochs=4)
 
     result = run_step(settings, "steps", "retrain:flat")
@@ -225,7 +225,7 @@ run_step(settings, "steps", "retrain:flat")
 """
 
 
-def test_a_killed_retraining_resumes_from_its_last_state(settings, jets_path, tmp_path, caplog):
+def test_retrain_resumes_after_kill(settings, jets_path, tmp_path, caplog):
     storage, records = searched_pipeline(settings.storage_url, jets_path, tmp_path, epochs=40)
     state_path = tmp_path / "work" / "steps" / "retrain-flat" / "training-state.pt"
 
