@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import optuna
@@ -116,7 +116,8 @@ def download_file(store: FileSystemArtifactStore, artifact_id: str, destination:
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".partial")
+    # a name of its own, because several workers may fetch the same artifact at once
+    partial = destination.with_name(f"{destination.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     try:
         download_artifact(artifact_store=store, file_path=str(partial), artifact_id=artifact_id)
     except (FileNotFoundError, ArtifactNotFound):
@@ -126,5 +127,5 @@ def download_file(store: FileSystemArtifactStore, artifact_id: str, destination:
             f"Artifact {artifact_id} is not in the artifact directory {str(store._base_path)!r}. "
             f"Give every node and the dashboard the same --artifacts directory."
         ) from None
-    shutil.move(partial, destination)
+    os.replace(partial, destination)
     return destination

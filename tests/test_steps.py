@@ -261,3 +261,29 @@ def test_retrain_resumes_after_kill(settings, jets_path, tmp_path, caplog):
     # the work folder held only copies of artifacts and the training state
     assert not state_path.parent.exists()
     assert result["output"]["checkpoint"] in os.listdir(tmp_path)
+
+
+def test_artifact_download_by_many_workers_at_once(tmp_path):
+    # workers of a latent flow fetch the same retrained ConVAE into one folder
+    store = open_artifact_store(tmp_path / "artifacts")
+    source = tmp_path / "model.pt"
+    source.write_bytes(bytes(range(256)) * 4096)
+    with open(source, "rb") as stream:
+        store.write("model-id", stream)
+    errors = []
+
+    def fetch():
+        try:
+            download_file(store, "model-id", tmp_path / "inputs" / "model.pt")
+        except Exception as error:  # collected for the assert below
+            errors.append(error)
+
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert (tmp_path / "inputs" / "model.pt").read_bytes() == source.read_bytes()
+    assert [path.name for path in (tmp_path / "inputs").iterdir()] == ["model.pt"]
