@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import getpass
+import json
 import os
 import shutil
 import signal
@@ -479,17 +480,34 @@ def test_trial_failed_by_storage_error_is_requeued(fresh_postgres_url, tiny_file
 # tests on the Ray cluster
 
 
-def test_workers_start_at_once_on_empty_database(ray_cluster, fresh_postgres_url):
-    import ray
+_START_AT_ONCE = """
+import json, sys
+import ray
+from hpo.spaces import Resources
+from hpo.workers import WorkerSettings, start_workers
+ray.init(address=sys.argv[2], logging_level="WARNING", log_to_driver=False)
+settings = WorkerSettings(sys.argv[1], heartbeat_interval=1, grace_period=4)
+pool = start_workers(4, Resources(cpus=0.5, gpus=0), settings, ["no-such-pipeline"])
+try:
+    summaries = ray.get([ref for _, ref in pool.workers], timeout=180)
+finally:
+    pool.kill()
+print(json.dumps(summaries))
+"""
 
-    settings = WorkerSettings(fresh_postgres_url, heartbeat_interval=1, grace_period=4)
 
-    pool = start_workers(4, Resources(cpus=0.5, gpus=0), settings, ["no-such-pipeline"])
-    try:
-        summaries = ray.get([ref for _, ref in pool.workers], timeout=180)
-    finally:
-        pool.kill()
+def test_workers_start_at_once_on_empty_database(ray_cluster, ray_env, fresh_postgres_url):
+    # a driver of its own, as `jethpo run` is: the test process has run other tests' code
+    finished = subprocess.run(
+        [sys.executable, "-c", _START_AT_ONCE, fresh_postgres_url, ray_cluster],
+        capture_output=True,
+        text=True,
+        env=ray_env,
+        timeout=300,
+    )
 
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    summaries = json.loads(finished.stdout.strip().splitlines()[-1])
     assert [summary["trials"] for summary in summaries] == [0, 0, 0, 0]
     assert len({summary["node_id"] for summary in summaries}) == 2
     storage = open_storage(fresh_postgres_url)
