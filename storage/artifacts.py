@@ -39,7 +39,7 @@ DEFAULT_ARTIFACTS_FOLDER = "artifacts"
 class ArtifactError(OSError):
     """Artifact directory that cannot be used, or an artifact that cannot be read.
 
-    The message names the directory or artifact id and says what to do.
+    The message names the directory or artifact id and what to do.
     """
 
 

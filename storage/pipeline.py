@@ -113,7 +113,7 @@ outputs_table = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     PrimaryKeyConstraint("pipeline", "stage", name="jethpo_outputs_pkey"),
 )
-"""What each finished pipeline step produced: artifact ids, metrics, or why it failed."""
+"""Output of each finished pipeline step: artifact ids, metrics, or the reason it failed."""
 
 
 class SpaceConflictError(ValueError):
@@ -351,7 +351,7 @@ def finish_stage(
         state: ``done`` or ``failed``.
         checkpoint: Artifact path or id of the stage's result. ``None`` keeps the
             stored checkpoint.
-        owner: If given, the stage is finished only while ``owner`` holds its claim, so a
+        owner: If given, the stage is finished only while ``owner`` has its claim, so a
             claimer whose stage was reclaimed after a stall cannot finish it.
 
     Returns:
@@ -390,7 +390,7 @@ def touch_stage(engine: Engine, pipeline: str, stage: str, owner: str) -> bool:
     """Record that the claimer of a running stage is alive, by setting ``updated_at`` to now.
 
     Returns:
-        Whether ``owner`` still holds the claim of the running stage.
+        Whether ``owner`` still has the claim of the running stage.
     """
     statement = (
         update(stages_table)

@@ -565,7 +565,7 @@ def test_settings_reject_invalid_sizes():
         JetNetMetricSettings(fpd_min_samples=100, fpd_max_samples=100)
 
 
-def test_fpd_fit_that_did_not_run_is_reported_as_nan():
+def test_failed_fpd_fit_is_nan():
     from models.metrics import _checked_fpd
 
     # jetnet's curve_fit returns its starting point 1.0 with zero error when it cannot fit

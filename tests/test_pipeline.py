@@ -590,7 +590,7 @@ def test_live_view_prints_logs_above_table():
     assert "nf.search" in stream.getvalue()
 
 
-def test_register_again_reruns_done_steps_whose_inputs_are_not_done(storage, tiny_space, tiny_profile):
+def test_register_resets_stale_done_steps(storage, tiny_space, tiny_profile):
     from storage.pipeline import finish_stage
 
     registered(storage, tiny_space, tiny_profile)

@@ -74,7 +74,8 @@ def test_smoke_run_finishes_every_stage(smoke_run):
     assert {"retrain:convae-gen", "retrain:convae-rec", "latents:convae-rec", "retrain:latent-nf", "retrain:nf"} <= set(stages)
     assert {"evaluate:convae-gen", "evaluate:latent-nf", "evaluate:nf", "results:smoke"} <= set(stages)
     # the table is printed at the end
-    assert "Truth" in first.stdout and "ConVAE+NF" in first.stdout
+    assert "Truth" in first.stdout
+    assert "ConVAE+NF" in first.stdout
 
 
 def test_results_table_has_models_truth_and_published_rows(smoke_run):
@@ -92,7 +93,8 @@ def test_results_table_has_models_truth_and_published_rows(smoke_run):
         assert row["batch_size"] >= 1
         assert "CPU" in row["device"]
     truth = [row for row in rows if "truth" in str(row.get("label", "")).lower()]
-    assert len(truth) == 1 and truth[0]["w1m"] >= 0
+    assert len(truth) == 1
+    assert truth[0]["w1m"] >= 0
     published = [row for row in rows if row.get("published")]
     assert {row["w1m"] for row in published} == {4.5e-3, 0.7e-3}
 
@@ -101,7 +103,7 @@ def test_results_table_has_models_truth_and_published_rows(smoke_run):
     assert "published" in markdown.stdout.lower()
 
 
-def test_tables_and_plots_land_in_the_artifact_directory_and_the_studies(smoke_run):
+def test_results_files_linked_from_studies(smoke_run):
     folder = Path(smoke_run["env"]["JETHPO_ARTIFACTS"]) / "results" / "smoke"
     assert json.loads((folder / "results.json").read_text())["rows"]
     assert "W1M" in (folder / "results.md").read_text()
@@ -124,7 +126,7 @@ def test_tables_and_plots_land_in_the_artifact_directory_and_the_studies(smoke_r
     assert {"results.json", "results.md", "convae-gen-retrained.pt", "latent-nf-retrained.pt"} <= linked
 
 
-def test_running_again_does_nothing_new_and_prints_the_results(smoke_run):
+def test_second_run_changes_nothing(smoke_run):
     storage = open_storage(smoke_run["url"])
     before = {stage.stage: stage.updated_at for stage in get_stages(storage.engine, "smoke")}
     trials = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
@@ -160,7 +162,7 @@ def test_retrain_of_a_done_step_asks_for_force(smoke_run):
     assert "Traceback" not in shown.stderr
 
 
-def test_forced_retraining_resets_its_evaluation_and_run_redoes_it(smoke_run):
+def test_forced_retrain_reruns_evaluation(smoke_run):
     # runs last: it changes the pipeline that the tests above read
     storage = open_storage(smoke_run["url"])
     before = {stage.stage: stage.checkpoint for stage in get_stages(storage.engine, "smoke")}
