@@ -562,9 +562,11 @@ def test_smoke_profile_on_two_nodes_survives_killed_worker(ray_cluster, ray_env,
     assert f"Retrying trial {number} of study {study_name} as trial {retries[0].number}" in command.output
     assert "since Ray restarted it" in command.output
 
-    # workers ran on both nodes
+    # workers ran trials on both nodes, counting the killed one: with six trials, the other
+    # worker may finish every remaining trial while Ray restarts the killed one
     finished = [trial for study in trials.values() for trial in study if trial.state != TrialState.FAIL]
-    assert len({trial.user_attrs["node_id"] for trial in finished}) == 2
+    started = [trial for study in trials.values() for trial in study if "node_id" in trial.user_attrs]
+    assert len({trial.user_attrs["node_id"] for trial in started}) == 2
     assert {trial.user_attrs["hostname"] for trial in finished} == {socket.gethostname()}
 
     # connections: 2 workers and the controller, one each, plus a small constant
