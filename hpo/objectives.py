@@ -53,7 +53,7 @@ from models.training import (
     train_realnvp,
     unflatten_jets,
 )
-from storage.rdb import record_heartbeats
+from storage.rdb import record_heartbeats, set_trial_user_attrs
 
 __all__ = [
     "FAIL_REASONS",
@@ -534,6 +534,8 @@ def run_trial(
     latent_model: ConVAE | None = None,
     latents: Tensor | None = None,
     storage: optuna.storages.BaseStorage | None = None,
+    user_attrs: Mapping[str, Any] | None = None,
+    fail_stale: bool = True,
 ) -> FrozenTrial:
     """Ask the study for a trial, train its model and tell the study the result.
 
@@ -548,7 +550,9 @@ def run_trial(
     Every trial gets the user attributes ``seed`` (:func:`trial_seed`), ``data_fingerprint``,
     ``device`` and ``wall_time_s`` (seconds from ask to tell), and ``params``, the full
     parameters with fixed and inherited values, once the stage has suggested them. A
-    COMPLETE trial also gets ``best_epoch``.
+    COMPLETE trial also gets ``best_epoch``. The attributes are written in two groups, one
+    once the parameters are suggested and one with the result, each in one transaction
+    where the storage is an ``RDBStorage`` (:func:`storage.set_trial_user_attrs`).
 
     When the storage records heartbeats, stale trials of the study are failed first, as
     ``Study.optimize`` does, so that the storage's retry callback re-queues them, and the
@@ -565,6 +569,13 @@ def run_trial(
         latents: For ``realnvp-latent``, its encoder means (see :func:`train_params`).
         storage: The study's storage, to record heartbeats. The default is the storage
             that ``study`` uses.
+        user_attrs: More user attributes to store with the trial before it trains, such as
+            the worker that runs it.
+        fail_stale: Fail the study's stale trials with ``optuna.storages.fail_stale_trials``
+            before asking, and record the trial's first heartbeat at once. A caller that
+            has just run :func:`hpo.pipeline.fail_stale_trials` on the study passes False:
+            that sweep also fails trials without a heartbeat once they are older than the
+            grace period, so the first heartbeat can wait one interval.
 
     Returns:
         The finished trial.
@@ -585,7 +596,7 @@ def run_trial(
     # NOTE: Optuna 5.1 has no public accessor for a study's storage.
     heartbeat_storage = storage if storage is not None else study._storage
     heartbeats = _records_heartbeats(heartbeat_storage)
-    if heartbeats:
+    if heartbeats and fail_stale:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
@@ -605,14 +616,16 @@ def run_trial(
     # RUNNING trial behind
     heartbeat = contextlib.nullcontext()
     if heartbeats:
-        heartbeat = record_heartbeats(heartbeat_storage, trial._trial_id)
+        heartbeat = record_heartbeats(heartbeat_storage, trial._trial_id, beat_now=fail_stale)
     try:
         with heartbeat:
-            trial.set_user_attr("seed", seed)
-            trial.set_user_attr("data_fingerprint", data.fingerprint)
-            trial.set_user_attr("device", data.device)
-            params = stage.suggest(trial, data.statistics, inherited)
-            trial.set_user_attr("params", dict(params))
+            attrs = {**(user_attrs or {}), "seed": seed, "data_fingerprint": data.fingerprint, "device": data.device}
+            try:
+                params = stage.suggest(trial, data.statistics, inherited)
+                attrs["params"] = dict(params)
+            finally:
+                # a failed suggestion still leaves the trial's worker and seed on record
+                _set_user_attrs(trial, heartbeat_storage, attrs)
             result = train_params(
                 space, params, budget, data, seed=seed, report=report, latent_model=latent_model, latents=latents
             )
@@ -635,6 +648,13 @@ def run_trial(
         attrs={"best_epoch": result.best_epoch},
         detail=f"validation EMD_sum {result.best_emd_sum:.6g} at epoch {result.best_epoch}",
     )
+
+
+def _set_user_attrs(trial: optuna.Trial, storage: optuna.storages.BaseStorage, attrs: Mapping[str, Any]) -> None:
+    """Store ``attrs`` in one transaction and in the trial's own copy, as ``Trial.set_user_attr`` does."""
+    set_trial_user_attrs(storage, trial._trial_id, dict(attrs))
+    # NOTE: Trial keeps a private copy of its frozen trial, which its user_attrs property reads
+    trial._cached_frozen_trial.user_attrs.update(attrs)
 
 
 def _records_heartbeats(storage: Any) -> bool:
@@ -682,8 +702,8 @@ def _finish(
     """Store the user attributes and tell the study, unless the trial is already finished."""
     wall_time = time.perf_counter() - started
     try:
-        for key, attr in {**(attrs or {}), "wall_time_s": wall_time}.items():
-            trial.set_user_attr(key, attr)
+        # NOTE: Optuna 5.1 has no public accessor for a study's storage.
+        _set_user_attrs(trial, study._storage, {**(attrs or {}), "wall_time_s": wall_time})
         frozen = study.tell(trial, value, state=state, skip_if_finished=True)
     except optuna.exceptions.UpdateFinishedTrialError:
         frozen = study.tell(trial, state=state, skip_if_finished=True)

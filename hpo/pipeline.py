@@ -61,6 +61,7 @@ from hpo.spaces import Profile, Resources, RetrainBudget, SearchBudget, Space, S
 from hpo.spaces import Stage as SpaceStage
 from storage import pipeline as stage_table
 from storage.locks import sqlite_database_path
+from storage.rdb import read_study_user_attrs
 from storage.pipeline import StageState
 
 __all__ = [
@@ -784,6 +785,7 @@ def load_stage_records(
     spaces = studies.load_spaces(storage) if spaces is None else spaces
     family_index = {name: index for index, name in enumerate(spaces)}
     depth = _depths({row.stage: row.depends_on for row in rows})
+    study_attrs = read_study_user_attrs(storage, [row.study_name for row in rows])
 
     records = []
     for row in rows:
@@ -800,10 +802,7 @@ def load_stage_records(
         elif space is None and kind != RESULTS:
             problem = f"search space {row.family!r} is not known to this worker"
         else:
-            try:
-                attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(row.study_name))
-            except KeyError:
-                attrs = {}
+            attrs = study_attrs.get(row.study_name, {})
             run = dict(attrs.get(RUN_ATTR) or {})
             if kind == SEARCH:
                 stage = next((item for item in space.stages if item.study_name == row.study_name), None)

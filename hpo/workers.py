@@ -225,8 +225,10 @@ class _WorkerStudy(optuna.Study):
     ``hpo.objectives.run_trial`` calls ``ask`` once per trial. Here ``ask`` takes the
     study's :func:`~hpo.pipeline.budget_lock`, counts the trials, and raises
     :class:`~hpo.pipeline.BudgetExhausted` instead of creating a trial when no budget is
-    left. The new trial gets a heartbeat before the lock is released, so it can go stale if
-    the worker dies at once, and then the user attributes of the worker.
+    left. ``run_trial`` stores ``trial_attrs``, the worker's identity, with its own
+    attributes in one transaction, and records the first heartbeat one interval after
+    ``ask``. A worker that dies before that leaves a trial without a heartbeat, which
+    :func:`hpo.pipeline.fail_stale_trials` fails once it is older than the grace period.
     """
 
     def __init__(
@@ -239,7 +241,7 @@ class _WorkerStudy(optuna.Study):
     ) -> None:
         super().__init__(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
         self._rdb = storage
-        self._trial_attrs = dict(trial_attrs)
+        self.trial_attrs = dict(trial_attrs)
         self.n_trials = 0
 
     def ask(self, fixed_distributions=None) -> optuna.Trial:
@@ -249,12 +251,7 @@ class _WorkerStudy(optuna.Study):
                 raise BudgetExhausted(
                     f"study {self.study_name} has {counts.used} of {self.n_trials} trials counted and none WAITING"
                 )
-            trial = super().ask(fixed_distributions)
-            if self._rdb.get_heartbeat_interval() is not None:
-                self._rdb.record_heartbeat(trial._trial_id)
-        for key, value in self._trial_attrs.items():
-            trial.set_user_attr(key, value)
-        return trial
+            return super().ask(fixed_distributions)
 
 
 class Worker:
@@ -286,6 +283,7 @@ class Worker:
         self._latent_inputs: dict[str, tuple[Any, Any]] = {}
         self._step_runner: StepRunner | None = None
         self._trials_run = 0
+        self._swept: dict[str, float] = {}
 
     # identity
 
@@ -386,15 +384,20 @@ class Worker:
             for record in records
             if record.state == stages.StageState.RUNNING and record.problem is None and not record.is_step
         ]
+        # a trial goes stale only after the grace period, so one sweep per heartbeat
+        # interval finds it at most one interval late
+        now = time.monotonic()
         for record in running:
+            if now - self._swept.get(record.study_name, -math.inf) < self.settings.heartbeat_interval:
+                continue
+            self._swept[record.study_name] = now
             study = self._study(record, identity)
             for number, retry in stages.fail_stale_trials(study, self._storage):
                 _log_stale(record.study_name, number, retry, self.settings.grace_period)
 
         for record in running:
             study = self._study(record, identity)
-            if not count_trials(study.get_trials(deepcopy=False)).has_budget(record.budget.n_trials):
-                continue
+            # the study's ask counts the budget under the budget lock, before a trial exists
             try:
                 self._run_trial(record, study)
             except BudgetExhausted as exhausted:
@@ -458,6 +461,9 @@ class Worker:
             latent_model=latent_model,
             latents=latents,
             storage=self._storage,
+            user_attrs=study.trial_attrs,
+            # _step sweeps the stale trials of every running stage
+            fail_stale=False,
         )
         self._trials_run += 1
         if frozen.state == TrialState.FAIL and str(frozen.user_attrs.get("fail_message", "")).startswith(

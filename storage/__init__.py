@@ -13,7 +13,7 @@ from storage.pipeline import (
     save_space,
     upsert_stage,
 )
-from storage.rdb import open_storage, record_heartbeats
+from storage.rdb import open_storage, record_heartbeats, set_trial_user_attrs
 from storage.urls import StorageError, mask_password, parse_storage_url, resolve_storage_url
 
 __all__ = [
@@ -33,5 +33,6 @@ __all__ = [
     "record_heartbeats",
     "resolve_storage_url",
     "save_space",
+    "set_trial_user_attrs",
     "upsert_stage",
 ]

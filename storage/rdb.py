@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import warnings
@@ -12,6 +13,8 @@ from typing import Any
 import optuna
 import sqlalchemy
 import sqlalchemy.exc
+from sqlalchemy.dialects import postgresql as sqlalchemy_postgresql
+from sqlalchemy.dialects import sqlite as sqlalchemy_sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
@@ -30,9 +33,12 @@ except ImportError:
 
     _STALE_CALLBACK_ARGUMENT = "failed_trial_callback"
 
-__all__ = ["open_storage", "record_heartbeats"]
+__all__ = ["open_storage", "read_study_user_attrs", "record_heartbeats", "set_trial_user_attrs"]
 
 logger = logging.getLogger(__name__)
+
+_UPSERT_DIALECTS = {"postgresql": sqlalchemy_postgresql.insert, "sqlite": sqlalchemy_sqlite.insert}
+"""INSERT constructs with ON CONFLICT, for the databases that jethpo supports."""
 
 _ALEMBIC_VERSION_TABLE = "alembic_version"
 """Table that Optuna stamps last when it creates its schema."""
@@ -273,8 +279,97 @@ def _enable_wal(engine: sqlalchemy.Engine) -> None:
         )
 
 
+def read_study_user_attrs(storage: optuna.storages.RDBStorage, study_names: list[str]) -> dict[str, dict[str, Any]]:
+    """Read the user attributes of several studies with one query.
+
+    ``get_study_id_from_name`` plus ``get_study_user_attrs`` cost two transactions per study,
+    and a worker reads every stage's attributes before each trial.
+
+    Args:
+        storage: Storage returned by :func:`open_storage`.
+        study_names: Names of the studies.
+
+    Returns:
+        The attributes by study name. A study that does not exist is left out; a study
+        without attributes maps to ``{}``.
+    """
+    if not study_names:
+        return {}
+    # NOTE: Optuna's table models are private, but their schema is versioned with Alembic
+    # and checked by _check_schema_version when the storage opens
+    from optuna.storages._rdb import models
+
+    studies = models.StudyModel.__table__
+    attrs = models.StudyUserAttributeModel.__table__
+    query = (
+        sqlalchemy.select(studies.c.study_name, attrs.c.key, attrs.c.value_json)
+        .select_from(studies.outerjoin(attrs, attrs.c.study_id == studies.c.study_id))
+        .where(studies.c.study_name.in_(sorted(set(study_names))))
+    )
+    found: dict[str, dict[str, Any]] = {}
+    with storage.engine.connect() as connection:
+        for name, key, value_json in connection.execute(query):
+            study_attrs = found.setdefault(name, {})
+            if key is not None:
+                study_attrs[key] = json.loads(value_json)
+    return found
+
+
+def set_trial_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, attrs: dict[str, Any]) -> None:
+    """Store several user attributes of a RUNNING trial in one transaction.
+
+    ``Trial.set_user_attr`` commits each attribute on its own, and on PostgreSQL every
+    commit waits for the write-ahead log to reach the disk. A worker stores ten attributes
+    per trial, so one transaction per group saves most of those waits. On PostgreSQL the
+    transaction also skips the wait for its own commit (``synchronous_commit`` off for it
+    alone): a crash of the server can then lose it only until the trial's next ordinary
+    commit, such as its next parameter, report or ``tell``, which flushes it to disk as
+    well. It is never lost half-written. Storages other than ``RDBStorage`` (or the cache
+    that wraps one inside a study) get one call per attribute.
+
+    Args:
+        storage: The study's storage.
+        trial_id: Storage id of the trial, ``trial._trial_id``.
+        attrs: Attribute names and JSON-serializable values.
+
+    Raises:
+        optuna.exceptions.UpdateFinishedTrialError: The trial is already finished.
+    """
+    # Study wraps an RDBStorage in a _CachedStorage, whose attribute writes go straight through
+    rdb = getattr(storage, "_backend", storage)
+    batched = isinstance(rdb, optuna.storages.RDBStorage) and hasattr(rdb, "_set_trial_attr_without_commit")
+    if not batched:
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial_id, key, value)
+        return
+
+    # NOTE: _create_scoped_session, _set_trial_attr_without_commit and the table models are
+    # private; RDBStorage.set_trial_user_attr runs the same for one attribute (Optuna 4.x, 5.1)
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    model = models.TrialUserAttributeModel
+    with _create_scoped_session(rdb.scoped_session, True) as session:
+        if rdb.engine.name not in _UPSERT_DIALECTS:
+            for key, value in attrs.items():
+                rdb._set_trial_attr_without_commit(session, model, trial_id, key, value)
+            return
+        if rdb.engine.name == "postgresql":
+            session.execute(sqlalchemy.text("SET LOCAL synchronous_commit TO OFF"))
+        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+        rdb.check_trial_is_updatable(trial_id, trial.state)
+        rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
+        upsert = _UPSERT_DIALECTS[rdb.engine.name](model).values(rows)
+        session.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[model.trial_id, model.key],
+                set_={"value_json": upsert.excluded.value_json},
+            )
+        )
+
+
 @contextmanager
-def record_heartbeats(storage: optuna.storages.RDBStorage, trial_id: int) -> Iterator[None]:
+def record_heartbeats(storage: optuna.storages.RDBStorage, trial_id: int, *, beat_now: bool = True) -> Iterator[None]:
     """Record a trial's heartbeat at once and then every heartbeat interval until the block ends.
 
     ``Study.optimize`` does this itself. Use this context manager around a trial created
@@ -284,13 +379,18 @@ def record_heartbeats(storage: optuna.storages.RDBStorage, trial_id: int) -> Ite
     Args:
         storage: Storage returned by :func:`open_storage`.
         trial_id: Storage id of the trial, ``trial._trial_id`` (not ``trial.number``).
+        beat_now: Record the first heartbeat on entry. ``optuna.storages.fail_stale_trials``
+            never fails a trial without a heartbeat, so leave this on unless every process
+            that checks the study uses ``hpo.pipeline.fail_stale_trials``, which also fails
+            trials that never beat once they are older than the grace period.
     """
     interval = storage.get_heartbeat_interval()
     if interval is None:
         yield
         return
 
-    storage.record_heartbeat(trial_id)
+    if beat_now:
+        storage.record_heartbeat(trial_id)
     stop = threading.Event()
     thread = threading.Thread(
         target=_beat,

@@ -42,8 +42,10 @@ from storage import (
     record_heartbeats,
     resolve_storage_url,
     save_space,
+    set_trial_user_attrs,
     upsert_stage,
 )
+from storage.rdb import read_study_user_attrs
 from storage.urls import STORAGE_ENV_VAR
 
 DASHBOARD = Path(sys.executable).with_name("optuna-dashboard")
@@ -388,6 +390,78 @@ def test_heartbeats_off_records_nothing(sqlite_url):
     with storage.engine.connect() as connection:
         beats = connection.execute(sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats"))
         assert beats.scalar_one() == 0
+
+
+def test_no_first_beat_records_nothing_before_interval(sqlite_url):
+    storage = open_storage(sqlite_url, heartbeat_interval=60)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+
+    with record_heartbeats(storage, trial._trial_id, beat_now=False):
+        pass
+
+    with storage.engine.connect() as connection:
+        beats = connection.execute(sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats"))
+        assert beats.scalar_one() == 0
+
+
+# attributes written in groups
+
+
+def count_commits(engine: sqlalchemy.Engine) -> list[int]:
+    commits = [0]
+
+    def on_commit(connection) -> None:
+        commits[0] += 1
+
+    sqlalchemy.event.listen(engine, "commit", on_commit)
+    return commits
+
+
+def test_trial_user_attrs_written_in_one_commit(any_url):
+    storage = open_storage(any_url)
+    study = optuna.create_study(storage=storage, study_name=unique("attrs"))
+    trial = study.ask()
+    trial.set_user_attr("seed", 1)
+    commits = count_commits(storage.engine)
+
+    set_trial_user_attrs(study._storage, trial._trial_id, {"seed": 2, "params": {"lr": 0.1}, "host": "a"})
+
+    assert commits[0] == 1
+    assert storage.get_trial_user_attrs(trial._trial_id) == {"seed": 2, "params": {"lr": 0.1}, "host": "a"}
+
+
+def test_trial_user_attrs_of_finished_trial_rejected(any_url):
+    storage = open_storage(any_url)
+    study = optuna.create_study(storage=storage, study_name=unique("attrs"))
+    trial = study.ask()
+    study.tell(trial, 1.0)
+
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        set_trial_user_attrs(storage, trial._trial_id, {"seed": 2})
+    assert storage.get_trial_user_attrs(trial._trial_id) == {}
+
+
+def test_trial_user_attrs_on_memory_storage():
+    study = optuna.create_study()
+    trial = study.ask()
+
+    set_trial_user_attrs(study._storage, trial._trial_id, {"seed": 3, "host": "b"})
+
+    assert study.trials[0].user_attrs == {"seed": 3, "host": "b"}
+
+
+def test_study_user_attrs_read_by_name(any_url):
+    storage = open_storage(any_url)
+    with_attrs = optuna.create_study(storage=storage, study_name=unique("with"))
+    with_attrs.set_user_attr("run", {"n_jets": 600})
+    with_attrs.set_user_attr("budget", 4)
+    without = optuna.create_study(storage=storage, study_name=unique("without"))
+    missing = unique("missing")
+
+    found = read_study_user_attrs(storage, [with_attrs.study_name, without.study_name, missing])
+
+    assert found == {with_attrs.study_name: {"run": {"n_jets": 600}, "budget": 4}, without.study_name: {}}
 
 
 # many workers at once
