@@ -230,7 +230,7 @@ def per_call_writes(worker: Any) -> Iterator[None]:
     hpo.objectives.set_trial_user_attrs = set_each
     hpo.pipeline.read_study_user_attrs = read_each
     hpo.objectives.run_trial = run_trial_sweeping
-    # an empty dict that forgets every sweep, so that each step sweeps again
+    # a dict that keeps no sweep time, so that each step sweeps again
     worker._swept = _Forgetful()
     try:
         yield

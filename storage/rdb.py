@@ -321,10 +321,10 @@ def set_trial_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, at
     ``Trial.set_user_attr`` commits each attribute on its own, and on PostgreSQL every
     commit waits for the write-ahead log to reach the disk. A worker stores ten attributes
     per trial, so one transaction per group saves most of those waits. On PostgreSQL the
-    transaction also skips the wait for its own commit (``synchronous_commit`` off for it
-    alone): a crash of the server can then lose it only until the trial's next ordinary
-    commit, such as its next parameter, report or ``tell``, which flushes it to disk as
-    well. It is never lost half-written. Storages other than ``RDBStorage`` (or the cache
+    transaction also turns ``synchronous_commit`` off for itself, so its commit does not
+    wait for the disk. A server crash can lose it until the trial's next ordinary commit
+    (its next parameter, report or ``tell``), which writes it to disk too. PostgreSQL
+    never keeps half of such a transaction. Storages other than ``RDBStorage`` (or the cache
     that wraps one inside a study) get one call per attribute.
 
     Args:
@@ -344,7 +344,7 @@ def set_trial_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, at
         return
 
     # NOTE: _create_scoped_session, _set_trial_attr_without_commit and the table models are
-    # private; RDBStorage.set_trial_user_attr runs the same for one attribute (Optuna 4.x, 5.1)
+    # private. RDBStorage.set_trial_user_attr runs the same for one attribute (Optuna 5.1).
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
@@ -380,7 +380,7 @@ def record_heartbeats(storage: optuna.storages.RDBStorage, trial_id: int, *, bea
         storage: Storage returned by :func:`open_storage`.
         trial_id: Storage id of the trial, ``trial._trial_id`` (not ``trial.number``).
         beat_now: Record the first heartbeat on entry. ``optuna.storages.fail_stale_trials``
-            never fails a trial without a heartbeat, so leave this on unless every process
+            skips trials without a heartbeat (Optuna 5.1), so leave this on unless every process
             that checks the study uses ``hpo.pipeline.fail_stale_trials``, which also fails
             trials that never beat once they are older than the grace period.
     """
