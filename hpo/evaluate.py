@@ -649,6 +649,12 @@ _QUANTITY_LABELS = {
 
 _REAL_LABEL = "Real jets"
 
+#: Legend notes on the normalisation and the jets outside a panel's range.
+_OUTSIDE_RANGE_NOTES = (
+    "Histograms normalised to all jets of each sample",
+    "Underflow / overflow: jets below / above the range",
+)
+
 
 #: Font sizes in points, smaller than the CMS style's so that six panels fit one figure.
 _FONT_SIZES = {
@@ -751,26 +757,44 @@ def _log_edges(real: np.ndarray) -> np.ndarray | None:
     return np.geomspace(low / 1.5, high * 1.5, _n_bins(len(real)) + 1)
 
 
-def _counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Histogram values, counting those outside the edges in the first or last bin."""
-    clipped = np.clip(values, edges[0], edges[-1])
-    return np.histogram(clipped, bins=edges)[0].astype(np.float64)
+def _histogram(values: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Histogram values and count those outside the edges.
+
+    Returns:
+        ``(counts, underflow, overflow)``: the counts per bin, as floats, of the values
+        inside ``[edges[0], edges[-1]]``, and the numbers of values below and above it.
+    """
+    counts = np.histogram(values, bins=edges)[0].astype(np.float64)
+    return counts, int((values < edges[0]).sum()), int((values > edges[-1]).sum())
 
 
 def _density_ratio(
-    generated_counts: np.ndarray, real_counts: np.ndarray
+    generated_counts: np.ndarray,
+    real_counts: np.ndarray,
+    generated_total: float | None = None,
+    real_total: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Divide two histograms, each normalised to unit area, and estimate the statistical
-    error from the generated counts alone. The real jets' error is drawn as a band instead.
+    """Divide two histograms, each normalised to its sample size, and estimate the
+    statistical error from the generated counts alone. The real jets' error is drawn as a
+    band instead.
+
+    Args:
+        generated_counts: Generated jets per bin.
+        real_counts: Real jets per bin.
+        generated_total: Generated jets in the sample, outside the bins included; by
+            default the sum of ``generated_counts``.
+        real_total: The same for the real jets.
 
     Returns:
         ``(ratio, error)``, NaN in bins without real jets.
     """
     generated_counts = np.asarray(generated_counts, dtype=np.float64)
     real_counts = np.asarray(real_counts, dtype=np.float64)
+    generated_total = generated_counts.sum() if generated_total is None else generated_total
+    real_total = real_counts.sum() if real_total is None else real_total
     with np.errstate(divide="ignore", invalid="ignore"):
-        generated_fraction = generated_counts / max(generated_counts.sum(), 1.0)
-        real_fraction = real_counts / max(real_counts.sum(), 1.0)
+        generated_fraction = generated_counts / max(generated_total, 1.0)
+        real_fraction = real_counts / max(real_total, 1.0)
         ratio = np.where(real_counts > 0, generated_fraction / real_fraction, np.nan)
         error = np.where(generated_counts > 0, ratio / np.sqrt(generated_counts), 0.0)
     error = np.where(real_counts > 0, error, np.nan)
@@ -791,13 +815,18 @@ def _draw_comparison(
 ) -> None:
     """Draw normalised histograms of real and generated values with a generated / real
     ratio panel below. On a logarithmic x axis each bin shows its fraction of the jets,
-    elsewhere the fraction per unit of x."""
+    elsewhere the fraction per unit of x.
+
+    Each histogram is normalised to all jets of its sample, so values outside the edges
+    are in no bin and the area inside is the fraction of jets in the range. Their numbers
+    are written in the panel's upper corners (:func:`_draw_outside_range`)."""
     import mplhep
 
     widths = np.ones(len(edges) - 1) if log_x else np.diff(edges)
     centres = np.sqrt(edges[:-1] * edges[1:]) if log_x else 0.5 * (edges[:-1] + edges[1:])
-    real_counts = _counts(real, edges)
-    real_density = real_counts / max(real_counts.sum(), 1.0) / widths
+    real_counts, real_below, real_above = _histogram(real, edges)
+    real_density = real_counts / max(len(real), 1) / widths
+    outside = [("0.3", len(real), real_below, real_above)]
 
     # main panel
     mplhep.histplot(real_density, edges, ax=main_axis, histtype="fill", color="0.85", label=real_label)
@@ -806,9 +835,10 @@ def _draw_comparison(
     drawn = []
     for name, values in generated.items():
         colour = next(colours, None)
-        counts = _counts(values, edges)
-        density = counts / max(counts.sum(), 1.0) / widths
-        density_error = np.sqrt(counts) / max(counts.sum(), 1.0) / widths
+        counts, below, above = _histogram(values, edges)
+        outside.append((colour, len(values), below, above))
+        density = counts / max(len(values), 1) / widths
+        density_error = np.sqrt(counts) / max(len(values), 1) / widths
         mplhep.histplot(
             density,
             edges,
@@ -819,21 +849,22 @@ def _draw_comparison(
             linewidth=2,
             label=_display_label(name),
         )
-        drawn.append((counts, colour))
+        drawn.append((counts, len(values), colour))
     if log_x:
         main_axis.set_ylabel("Fraction of jets per bin")
     else:
         main_axis.set_ylabel(f"Normalised jets / {unit}" if unit else "Normalised jets")
     main_axis.set_ylim(bottom=0)
     main_axis.tick_params(labelbottom=False)
+    _draw_outside_range(main_axis, outside)
 
     # ratio panel: markers for each model, a band for the real jets' statistical error
     with np.errstate(divide="ignore", invalid="ignore"):
         real_error = np.where(real_counts > 0, 1 / np.sqrt(real_counts), np.nan)
     ratio_axis.stairs(1 + real_error, edges, baseline=1 - real_error, fill=True, color="0.85")
     ratio_axis.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
-    for counts, colour in drawn:
-        ratio, error = _density_ratio(counts, real_counts)
+    for counts, total, colour in drawn:
+        ratio, error = _density_ratio(counts, real_counts, total, len(real))
         ratio_axis.errorbar(
             centres, ratio, yerr=error, fmt="o", markersize=4, color=colour, linewidth=1.2
         )
@@ -844,6 +875,45 @@ def _draw_comparison(
         main_axis.set_xscale("log")
         ratio_axis.set_xscale("log")
     ratio_axis.set_xlim(edges[0], edges[-1])
+
+
+def _format_jet_share(count: int, total: int) -> str:
+    """Format a number of jets with its share of the sample, such as ``40 jets (8.9 %)``."""
+    percent = 100.0 * count / max(total, 1)
+    share = f"{percent:.0f}" if percent >= 10 else f"{percent:.2g}"
+    return f"{count} jet{'' if count == 1 else 's'} ({share} %)"
+
+
+def _draw_outside_range(main_axis, samples: Sequence[tuple[Any, int, int, int]]) -> None:
+    """Write the jets below and above a panel's range in its upper left and right corners.
+
+    Each corner has a heading, "Underflow" or "Overflow", and one line per sample with jets
+    there, in the sample's colour. A corner without such jets stays empty. The y axis
+    grows to leave room for the lines above the histograms.
+
+    Args:
+        samples: ``(colour, jets in the sample, underflow, overflow)`` per sample.
+    """
+    from matplotlib.offsetbox import AnchoredOffsetbox, TextArea, VPacker
+
+    n_lines = 0
+    for index, heading, corner in ((2, "Underflow", "upper left"), (3, "Overflow", "upper right")):
+        lines = [
+            TextArea(_format_jet_share(sample[index], sample[1]), textprops={"color": sample[0], "fontsize": 11})
+            for sample in samples
+            if sample[index]
+        ]
+        if not lines:
+            continue
+        lines.insert(0, TextArea(f"{heading}:", textprops={"color": "black", "fontsize": 11}))
+        align = "left" if corner == "upper left" else "right"
+        box = VPacker(children=lines, align=align, pad=0, sep=2)
+        main_axis.add_artist(AnchoredOffsetbox(loc=corner, child=box, frameon=False, pad=0.2, borderpad=0.4))
+        n_lines = max(n_lines, len(lines))
+    if n_lines:
+        # a line of 11-point text takes about a twentieth of a main panel's height
+        bottom, top = main_axis.get_ylim()
+        main_axis.set_ylim(bottom, top * (1 + 0.1 * n_lines))
 
 
 def _comparison_grid(figure, n_panels: int):
@@ -881,10 +951,12 @@ def plot_jet_distributions(
 ) -> Path:
     """Plot jet mass, energy, pT, eta and phi of real and generated jets, with ratio panels.
 
-    Each histogram is normalised to unit area. The bins span the central 99 % of the real
-    jets plus a 10 % margin on each side, and phi spans [-pi, pi]. Values outside are
-    counted in the first or last bin, so a model that misses the range shows up at the
-    edges. Jets with NaN or infinite constituents are left out, with a logged warning.
+    Each histogram is normalised to the number of jets in its sample. The bins span the
+    central 99 % of the real jets plus a 10 % margin on each side, and phi spans [-pi, pi].
+    Jets outside the range are in no bin: each panel lists, per sample in its colour, the
+    jets below the range (underflow, upper left) and above it (overflow, upper right), so
+    the area under a histogram is the fraction of its jets inside the range. Jets with NaN
+    or infinite constituents are left out, with a logged warning.
 
     Args:
         real: ``(constituents [n, 30, 3] GeV, mask [n, 30] or None)``.
@@ -923,7 +995,7 @@ def plot_jet_distributions(
         counts = [f"{real_label}: {len(real_quantities['mass'])} jets"]
         for name, values in generated_quantities.items():
             counts.append(f"{_display_label(name)}: {len(values['mass'])} jets")
-        _draw_legend(legend_axis, pairs[0][0], title, counts)
+        _draw_legend(legend_axis, pairs[0][0], title, counts + list(_OUTSIDE_RANGE_NOTES))
         return _save(figure, path)
 
 
@@ -987,8 +1059,10 @@ def plot_efps(
     These are jetnet 0.2.5's default EFPs: all prime multigraphs with 4 vertices and 4 edges,
     measure "hadr" with beta = 1 on (ptrel, etarel, phirel), computed by ``jetnet.utils.efps``.
     Each panel names its graph by its edges. EFPs span orders of magnitude, so the bins are
-    logarithmic over the central 99 % of the real jets' positive values. Values outside,
-    zeros included, are counted in the first or last bin.
+    logarithmic over the central 99 % of the real jets' positive values. As in
+    :func:`plot_jet_distributions`, each histogram is normalised to the number of jets in
+    its sample, and the jets outside the range, zeros included, are listed in the panel's
+    corners as underflow and overflow.
 
     Args:
         real: ``(constituents [n, 30, 3] GeV, mask [n, 30] or None)``.
@@ -1032,6 +1106,7 @@ def plot_efps(
         notes = [
             "EFPs: n = 4 vertices, d = 4 edges, prime graphs",
             "measure hadr, $\\beta$ = 1 (jetnet 0.2.5)",
+            *_OUTSIDE_RANGE_NOTES,
         ]
         _draw_legend(legend_axis, pairs[0][0], title, notes)
         return _save(figure, path)

@@ -675,6 +675,7 @@ class StageRecord:
         problem: Why a worker cannot run the stage, or None.
         retrain: Retraining budget of a ``retrain`` step, from :data:`RETRAIN_ATTR`.
         claimed_by: The process that claimed the stage, or None.
+        claimed_at: When that process claimed it, or None.
         updated_at: When the stage's row last changed; a step's claimer touches it while
             it runs (timezone-aware UTC).
         family: Search space of the stage, or ``results`` for the results step.
@@ -694,6 +695,7 @@ class StageRecord:
     problem: str | None = None
     retrain: RetrainBudget | None = None
     claimed_by: str | None = field(default=None, compare=False)
+    claimed_at: datetime.datetime | None = field(default=None, compare=False)
     updated_at: datetime.datetime | None = field(default=None, compare=False)
     family: str = ""
 
@@ -835,6 +837,7 @@ def load_stage_records(
                 problem=problem,
                 retrain=retrain,
                 claimed_by=row.claimed_by,
+                claimed_at=row.claimed_at,
                 updated_at=row.updated_at,
                 family=row.family,
             )

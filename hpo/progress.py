@@ -1,23 +1,25 @@
-"""Progress of a running pipeline: trial counts, best values and an ETA per stage.
+"""Progress of a running pipeline: trial counts, best values, step states and an ETA per stage.
 
 A controller reads the storage every few seconds and passes each reading to a
 :class:`PipelineMonitor`, which logs what changed (stage starts and ends, retries, failed
 trials, and on a plain log every finished trial), and to a :class:`LiveView`, which draws the
-readings as a table on a terminal.
+readings as a table on a terminal. Search stages are shown by their trial counts, and steps
+(retraining, latents, evaluation, results) by their state and how long they have run.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.pipeline import StageCounts, StageRecord, count_trials
+from hpo.pipeline import LATENTS, RETRAIN, SEARCH, StageCounts, StageRecord, count_trials
 from storage.pipeline import StageState
 
 __all__ = [
@@ -51,6 +53,12 @@ class StageProgress:
             first one finished.
         is_step: Whether the stage is a step (retraining, latents, evaluation, results)
             that runs once instead of as trials.
+        depends_on: Names of the stages of the same pipeline that it waits for.
+        claimed_by: The process that claimed a step, such as ``host:pid``, or None.
+        running_s: Seconds since a running step was claimed, or None when the step is not
+            running or its claim time is unknown.
+        estimate_s: Estimated run time in seconds of a whole step, or None when it cannot be
+            estimated (see :func:`read_progress`).
     """
 
     name: str
@@ -62,11 +70,23 @@ class StageProgress:
     best_trial: int | None
     mean_trial_s: float | None
     is_step: bool = False
+    depends_on: tuple[str, ...] = ()
+    claimed_by: str | None = None
+    running_s: float | None = None
+    estimate_s: float | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        """Whether the stage is done or failed."""
+        return self.state in (StageState.DONE, StageState.FAILED)
 
     @property
     def remaining(self) -> int:
-        """Trials of the budget that have not finished yet, at least the RUNNING and WAITING ones."""
-        if self.state in (StageState.DONE, StageState.FAILED):
+        """Trials of the budget that have not finished yet, at least the RUNNING and WAITING ones.
+
+        A step has no trials, so this is 0 for every step.
+        """
+        if self.is_finished:
             return 0
         return max(self.n_trials - self.counts.finished, self.counts.running + self.counts.waiting)
 
@@ -86,7 +106,7 @@ class PipelineProgress:
     @property
     def is_finished(self) -> bool:
         """Whether every stage is done or failed."""
-        return all(stage.state in (StageState.DONE, StageState.FAILED) for stage in self.stages)
+        return all(stage.is_finished for stage in self.stages)
 
     def mean_trial_s(self) -> float | None:
         """Return the mean wall time of the finished trials over all stages, or None."""
@@ -101,12 +121,26 @@ class PipelineProgress:
         return sum(mean * count for mean, count in means) / total
 
     def stage_eta_s(self, stage: StageProgress) -> float | None:
-        """Estimate the seconds until a stage is done, if all workers ran its trials.
+        """Estimate the seconds until a stage is done, or return None when it has no estimate.
 
-        The estimate is the stage's remaining trials times its mean trial time (else the
-        mean over all stages) divided by the number of workers that the remaining trials
-        can keep busy. It ignores pruning, which ends trials early.
+        A search stage takes its remaining trials times its mean trial time (else the mean
+        over all stages), divided by the number of workers that the remaining trials can
+        keep busy. This ignores pruning, which ends trials early.
+
+        A step takes its estimated run time (:attr:`StageProgress.estimate_s`), less the
+        time it has run if it is running. A running step whose claim time is unknown, or
+        that has run longer than its estimate, has no estimate.
         """
+        if stage.is_finished:
+            return 0.0
+        if stage.is_step:
+            if stage.estimate_s is None:
+                return None
+            if stage.state != StageState.RUNNING:
+                return stage.estimate_s
+            if stage.running_s is None or stage.running_s > stage.estimate_s:
+                return None
+            return stage.estimate_s - stage.running_s
         if stage.remaining == 0:
             return 0.0
         mean = stage.mean_trial_s if stage.mean_trial_s is not None else self.mean_trial_s()
@@ -115,24 +149,75 @@ class PipelineProgress:
         slots = max(1, min(self.workers, stage.remaining))
         return math.ceil(stage.remaining / slots) * mean
 
-    def eta_s(self) -> float | None:
-        """Estimate the seconds until every stage is done, or None before any trial finished.
+    def eta_estimate(self) -> tuple[float, tuple[str, ...]]:
+        """Estimate the seconds until every stage that has an estimate is done.
 
-        The remaining trial time of all stages is divided by the number of workers, which
-        assumes that the workers always find a stage with budget left.
+        Each unfinished stage takes :meth:`stage_eta_s`. The estimate is the larger of two
+        times:
+
+        - the critical path: the longest chain of stages that wait for each other
+          (``depends_on``), such as the search stages of a family, then its retraining,
+          then its evaluation;
+        - the work left, divided by the number of workers: the remaining trials times their
+          mean time, plus the steps, each of which occupies one worker.
+
+        With these durations the run cannot take less than either, so the estimate is low
+        when workers wait for the inputs of a stage. A stage without an estimate counts as 0 s.
+
+        Returns:
+            The estimated seconds, and the names of the unfinished stages that have no
+            estimate, in order.
         """
-        total = 0.0
+        durations: dict[tuple[str, str], float] = {}
+        missing: list[str] = []
+        work = 0.0
         for stage in self.stages:
-            if stage.remaining == 0:
+            if stage.is_finished:
+                continue
+            duration = self.stage_eta_s(stage)
+            if duration is None:
+                missing.append(stage.name)
+                duration = 0.0
+            durations[(stage.pipeline, stage.name)] = duration
+            if stage.is_step:
+                work += duration
                 continue
             mean = stage.mean_trial_s if stage.mean_trial_s is not None else self.mean_trial_s()
-            if mean is None:
-                return None
-            total += stage.remaining * mean
-        return total / max(self.workers, 1)
+            if mean is not None:
+                work += stage.remaining * mean
+
+        # critical path: a stage ends its duration after the latest end of the unfinished
+        # stages it waits for
+        stages = {(stage.pipeline, stage.name): stage for stage in self.stages}
+        ends: dict[tuple[str, str], float] = {}
+
+        def end_time(key: tuple[str, str], visiting: frozenset[tuple[str, str]]) -> float:
+            if key in ends:
+                return ends[key]
+            parents = [
+                (key[0], parent)
+                for parent in stages[key].depends_on
+                if (key[0], parent) in durations and (key[0], parent) not in visiting
+            ]
+            start = max((end_time(parent, visiting | {key}) for parent in parents), default=0.0)
+            ends[key] = start + durations[key]
+            return ends[key]
+
+        chain = max((end_time(key, frozenset()) for key in durations), default=0.0)
+        return max(chain, work / max(self.workers, 1)), tuple(missing)
+
+    def eta_s(self) -> float | None:
+        """Estimate the seconds until every stage is done (:meth:`eta_estimate`).
+
+        Returns:
+            The estimate, or None when an unfinished stage has no estimate, such as every
+            stage before the first trial finished.
+        """
+        seconds, missing = self.eta_estimate()
+        return None if missing else seconds
 
 
-def _stage_progress(record: StageRecord, trials: Sequence[FrozenTrial]) -> StageProgress:
+def _stage_progress(record: StageRecord, trials: Sequence[FrozenTrial], now: datetime.datetime) -> StageProgress:
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE and trial.value is not None]
     best = min(complete, key=lambda trial: (trial.value, trial.number)) if complete else None
     durations = [
@@ -140,6 +225,12 @@ def _stage_progress(record: StageRecord, trials: Sequence[FrozenTrial]) -> Stage
         for trial in trials
         if trial.state in _FINISHED_STATES and trial.duration is not None
     ]
+    running_s = None
+    claimed_at = record.claimed_at
+    if record.is_step and record.state == StageState.RUNNING and claimed_at is not None:
+        if claimed_at.tzinfo is None:
+            claimed_at = claimed_at.replace(tzinfo=datetime.timezone.utc)
+        running_s = max((now - claimed_at).total_seconds(), 0.0)
     return StageProgress(
         name=record.name,
         pipeline=record.pipeline,
@@ -150,25 +241,132 @@ def _stage_progress(record: StageRecord, trials: Sequence[FrozenTrial]) -> Stage
         best_trial=best.number if best is not None else None,
         mean_trial_s=sum(durations) / len(durations) if durations else None,
         is_step=record.is_step,
+        depends_on=tuple(record.depends_on),
+        claimed_by=record.claimed_by if record.is_step else None,
+        running_s=running_s,
     )
+
+
+def _trained_epochs(trial: FrozenTrial, budget_epochs: int) -> int | None:
+    """Return the epochs a COMPLETE or PRUNED trial trained, or None if unknown.
+
+    A COMPLETE trial trained its budget. A PRUNED trial stopped at its last report, whose
+    step is its epoch (1-based, ``hpo.objectives``).
+    """
+    if trial.state == TrialState.COMPLETE:
+        return budget_epochs
+    if trial.state == TrialState.PRUNED and trial.intermediate_values:
+        return max(trial.intermediate_values)
+    return None
+
+
+def _seconds_per_epoch(
+    searches: Sequence[StageRecord], trials: Mapping[str, Sequence[FrozenTrial]]
+) -> float | None:
+    """Return the total wall time of the COMPLETE and PRUNED trials of some search stages
+    divided by the epochs they trained, or None before any of them finished."""
+    seconds = 0.0
+    epochs = 0
+    for record in searches:
+        for trial in trials.get(record.study_name, ()):
+            trained = _trained_epochs(trial, record.budget.epochs)
+            if trained and trial.duration is not None:
+                seconds += trial.duration.total_seconds()
+                epochs += trained
+    return seconds / epochs if epochs else None
+
+
+def _family_seconds_per_epoch(
+    family: str,
+    searches: Sequence[StageRecord],
+    trials: Mapping[str, Sequence[FrozenTrial]],
+) -> float | None:
+    """Estimate the seconds per training epoch of the model that a family's retraining trains.
+
+    The estimate is the time per epoch of the trial that the retraining takes: the best
+    COMPLETE trial of the family's search stages, as ``hpo.steps`` chooses it. Without one,
+    it is that of all the family's finished trials, else of the finished trials of every family.
+    """
+    own = [record for record in searches if record.family == family]
+    candidates = [
+        (trial.value, record.study_name, trial.number, trial, record)
+        for record in own
+        for trial in trials.get(record.study_name, ())
+        if trial.state == TrialState.COMPLETE and trial.value is not None and math.isfinite(trial.value)
+    ]
+    if candidates:
+        _, _, _, best, record = min(candidates, key=lambda item: item[:3])
+        if best.duration is not None and record.budget.epochs:
+            return best.duration.total_seconds() / record.budget.epochs
+    per_epoch = _seconds_per_epoch(own, trials)
+    if per_epoch is not None:
+        return per_epoch
+    return _seconds_per_epoch(searches, trials)
+
+
+def _step_estimate_s(
+    record: StageRecord,
+    searches: Sequence[StageRecord],
+    trials: Mapping[str, Sequence[FrozenTrial]],
+) -> float | None:
+    """Estimate the run time of a whole step in seconds, or return None (see :func:`read_progress`)."""
+    if record.kind not in (RETRAIN, LATENTS):
+        return None
+    per_epoch = _family_seconds_per_epoch(record.family, searches, trials)
+    if per_epoch is None:
+        return None
+    if record.kind == LATENTS:
+        return per_epoch
+    if record.retrain is None:
+        return None
+    return record.retrain.epochs * per_epoch
 
 
 def read_progress(
     records: Sequence[StageRecord],
     trials: Mapping[str, Sequence[FrozenTrial]],
     workers: int,
+    *,
+    now: datetime.datetime | None = None,
 ) -> PipelineProgress:
     """Build the progress of the given stages from their studies' trials.
+
+    Steps get an estimated run time (:attr:`StageProgress.estimate_s`) from the trials of
+    the search stages of the same pipeline. Every estimate counts the training epochs only
+    at the time per epoch that the search measured, which includes the trials' setup and
+    their validation EMD_sum every few epochs. It ignores a difference in batch size or
+    evaluation interval between search and retraining.
+
+    - ``retrain:<family>``: the retraining budget's epochs times the seconds per epoch of
+      the trial that it retrains, else of the family's COMPLETE and PRUNED trials, else of
+      those of every family, whose models can be much faster or slower.
+    - ``latents:<family>``: one epoch of the same. Encoding the training and validation
+      jets is one forward pass, less work than a training epoch with its backward pass.
+    - ``evaluate:<family>`` and ``results:<pipeline>``: no estimate. Their cost is mostly
+      the jetnet metrics, which depends on the test split's size and the machine, not on
+      the trials.
 
     Args:
         records: Stages from ``hpo.pipeline.load_stage_records``.
         trials: Trials of each stage's study, by study name. A missing study counts as empty.
         workers: Number of workers.
+        now: Time of the reading (timezone-aware), by default the current time. A running
+            step's run time is measured up to it.
     """
-    stages = tuple(
-        _stage_progress(record, () if record.is_step else trials.get(record.study_name, ())) for record in records
-    )
-    return PipelineProgress(stages=stages, workers=workers)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    searches: dict[str, list[StageRecord]] = {}
+    for record in records:
+        if record.kind == SEARCH and record.budget is not None:
+            searches.setdefault(record.pipeline, []).append(record)
+
+    stages = []
+    for record in records:
+        stage = _stage_progress(record, () if record.is_step else trials.get(record.study_name, ()), now)
+        if record.is_step:
+            estimate = _step_estimate_s(record, searches.get(record.pipeline, []), trials)
+            stage = replace(stage, estimate_s=estimate)
+        stages.append(stage)
+    return PipelineProgress(stages=tuple(stages), workers=workers)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -187,6 +385,34 @@ def format_duration(seconds: float | None) -> str:
 
 def _format_value(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
+
+
+def _format_eta(progress: PipelineProgress) -> str:
+    """Format the pipeline's ETA as ``12m 30s (estimate)``, ``9m 10s (estimate) + 2 steps
+    not estimated`` when some stages have no estimate, or ``unknown`` when none has one."""
+    seconds, missing = progress.eta_estimate()
+    if not missing:
+        return f"{format_duration(seconds)} (estimate)"
+    if not seconds:
+        return "unknown"
+    steps = {stage.name for stage in progress.stages if stage.is_step}
+    noun = "step" if all(name in steps for name in missing) else "stage"
+    plural = "s" if len(missing) > 1 else ""
+    return f"{format_duration(seconds)} (estimate) + {len(missing)} {noun}{plural} not estimated"
+
+
+def _describe_step(stage: StageProgress, progress: PipelineProgress) -> str:
+    """Describe a step's state for the log, such as ``running on host:1 for 4m 10s, 5m 50s left (estimate)``."""
+    text = stage.state.value
+    if stage.state == StageState.RUNNING:
+        if stage.claimed_by:
+            text += f" on {stage.claimed_by}"
+        if stage.running_s is not None:
+            text += f" for {format_duration(stage.running_s)}"
+    if not stage.is_finished:
+        left = progress.stage_eta_s(stage)
+        text += f", {format_duration(left)} left (estimate)" if left is not None else ", time left unknown"
+    return text
 
 
 class PipelineMonitor:
@@ -241,6 +467,9 @@ class PipelineMonitor:
         if not any(stage.counts.used or stage.counts.waiting or stage.counts.retried for stage in progress.stages):
             return
         for stage in progress.stages:
+            if stage.is_step:
+                logger.info("Step %s of pipeline %s is %s", stage.name, stage.pipeline, _describe_step(stage, progress))
+                continue
             logger.info(
                 "Stage %s of pipeline %s is %s: %d of %d trials finished, %d RUNNING, %d WAITING, best EMD_sum %s",
                 stage.name,
@@ -257,12 +486,20 @@ class PipelineMonitor:
         if stage.is_step:
             log = logger.warning if stage.state == StageState.FAILED else logger.info
             verb = {StageState.RUNNING: "started", StageState.DONE: "is done", StageState.FAILED: "failed"}
+            detail = ""
+            if stage.state == StageState.RUNNING:
+                claimer = f" on {stage.claimed_by}" if stage.claimed_by else ""
+                estimate = format_duration(stage.estimate_s) if stage.estimate_s is not None else "unknown"
+                detail = f"{claimer}, estimated run time {estimate}"
+            elif stage.state == StageState.DONE:
+                detail = f". Pipeline ETA {_format_eta(progress)}"
             log(
-                "Step %s of pipeline %s %s%s",
+                "Step %s of pipeline %s %s%s%s",
                 stage.name,
                 stage.pipeline,
                 verb.get(stage.state, f"is {stage.state.value}"),
                 f": {reason}" if reason else "",
+                detail,
             )
             return
         if stage.state == StageState.RUNNING:
@@ -285,7 +522,7 @@ class PipelineMonitor:
                 stage.counts.pruned,
                 stage.counts.failed,
                 best,
-                format_duration(progress.eta_s()),
+                _format_eta(progress),
             )
         elif stage.state == StageState.FAILED:
             logger.warning(
@@ -344,8 +581,12 @@ class PipelineMonitor:
 def render_table(progress: PipelineProgress) -> Any:
     """Build a rich Table of the progress that fits 80 columns: one row per stage.
 
-    "Done" counts the finished trials of the budget (``hpo.pipeline.StageCounts.finished``).
-    The title has the workers, the WAITING trials if any, and the ETA of the whole run.
+    For a search stage, "Done" counts the finished trials of the budget
+    (``hpo.pipeline.StageCounts.finished``), and "Running" and "Failed" count trials. A
+    step reads "step" under "Done", and while it runs, "Running" shows how long ago it was
+    claimed ("claimed" when the claim time is unknown). "ETA" is the time left of a running
+    stage (:meth:`PipelineProgress.stage_eta_s`), "unknown" when it has no estimate. The
+    title has the workers, the WAITING trials if any, and the ETA of the whole run.
     """
     from rich import box
     from rich.table import Table
@@ -354,14 +595,14 @@ def render_table(progress: PipelineProgress) -> Any:
     title = f"{progress.workers} workers"
     if waiting:
         title += f", {waiting} WAITING trial{'s' if waiting > 1 else ''}"
-    title += f", ETA {format_duration(progress.eta_s())} (estimate)"
+    title += f", ETA {_format_eta(progress)}"
     table = Table(
         title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False
     )
     table.add_column("Stage", no_wrap=True)
     table.add_column("State", no_wrap=True)
     table.add_column("Done", justify="right", no_wrap=True)
-    table.add_column("Running", justify="right")
+    table.add_column("Running", justify="right", no_wrap=True)
     table.add_column("Failed", justify="right")
     table.add_column("Best EMD_sum", justify="right", no_wrap=True)
     table.add_column("ETA", justify="right", no_wrap=True)
@@ -369,15 +610,18 @@ def render_table(progress: PipelineProgress) -> Any:
         best = "-"
         if stage.best_trial is not None:
             best = f"{stage.best_value:.3g} (#{stage.best_trial})"
-        table.add_row(
-            stage.name,
-            stage.state.value,
-            "step" if stage.is_step else f"{stage.counts.finished}/{stage.n_trials}",
-            str(stage.counts.running),
-            str(stage.counts.failed),
-            best,
-            format_duration(progress.stage_eta_s(stage)) if stage.state == StageState.RUNNING else "-",
-        )
+        eta = "-"
+        if stage.state == StageState.RUNNING:
+            left = progress.stage_eta_s(stage)
+            eta = format_duration(left) if left is not None else "unknown"
+        if stage.is_step:
+            done, running, failed = "step", "-", "-"
+            if stage.state == StageState.RUNNING:
+                running = format_duration(stage.running_s) if stage.running_s is not None else "claimed"
+        else:
+            done = f"{stage.counts.finished}/{stage.n_trials}"
+            running, failed = str(stage.counts.running), str(stage.counts.failed)
+        table.add_row(stage.name, stage.state.value, done, running, failed, best, eta)
     return table
 
 

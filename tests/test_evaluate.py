@@ -27,6 +27,8 @@ from hpo.evaluate import (
     TRUTH_LABEL,
     _best_point,
     _density_ratio,
+    _format_jet_share,
+    _histogram,
     evaluate_sampler,
     markdown_table,
     metric_settings,
@@ -453,6 +455,91 @@ def test_density_ratio_empty_generated_bin():
 
     np.testing.assert_allclose(ratio, [0.0, 2.0])
     assert error[0] == 0.0
+
+
+def test_density_ratio_normalised_to_sample_size():
+    # 10 of 20 generated and 10 of 40 real jets in the bin; the rest are outside the range
+    ratio, error = _density_ratio(np.array([10.0]), np.array([10.0]), 20, 40)
+
+    np.testing.assert_allclose(ratio, [(10 / 20) / (10 / 40)])
+    np.testing.assert_allclose(error, ratio / np.sqrt(10.0))
+
+
+def test_histogram_counts_outside_range():
+    values = np.array([-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0])
+
+    counts, underflow, overflow = _histogram(values, np.array([0.0, 1.0, 2.0]))
+
+    # the last bin includes its upper edge, as in numpy.histogram
+    np.testing.assert_array_equal(counts, [2.0, 2.0])
+    assert underflow == 1
+    assert overflow == 2
+
+
+@pytest.mark.parametrize(
+    ("count", "total", "text"),
+    [(5, 45, "5 jets (11 %)"), (1, 22, "1 jet (4.5 %)"), (3, 10_000, "3 jets (0.03 %)"), (45, 45, "45 jets (100 %)")],
+)
+def test_format_jet_share(count, total, text):
+    assert _format_jet_share(count, total) == text
+
+
+def figure_texts(monkeypatch) -> list[str]:
+    """Collect the text of every figure that hpo.evaluate saves from now on."""
+    import matplotlib.text
+
+    import hpo.evaluate
+
+    texts: list[str] = []
+    save = hpo.evaluate._save
+
+    def save_and_record(figure, path):
+        texts.extend(text.get_text() for text in figure.findobj(matplotlib.text.Text))
+        return save(figure, path)
+
+    monkeypatch.setattr(hpo.evaluate, "_save", save_and_record)
+    return texts
+
+
+def test_jet_plot_lists_overflow(tmp_path, halves, monkeypatch):
+    # the real jets with 5 of them scaled up 1000 times: their mass, energy and pT overflow
+    texts = figure_texts(monkeypatch)
+    scaled = halves[1][0].astype(np.float64)
+    scaled[:5] *= 1000.0
+    n_jets = len(scaled)
+
+    plot_jet_distributions(halves[1], {"nf": (scaled, halves[1][1])}, tmp_path / "jets.png")
+
+    share = _format_jet_share(5, n_jets)
+    assert texts.count("Overflow:") == 3
+    assert texts.count(share) == 3
+    assert "Underflow:" not in texts
+    assert "Underflow / overflow: jets below / above the range" in " ".join(texts)
+
+
+def test_jet_plot_lists_underflow(tmp_path, halves, monkeypatch):
+    # every constituent of 4 jets gets pz = -50 pT, so the jets' eta is about -4.6
+    texts = figure_texts(monkeypatch)
+    forward = halves[1][0].astype(np.float64)
+    forward[:4, :, 2] = -50.0 * np.hypot(forward[:4, :, 0], forward[:4, :, 1])
+
+    plot_jet_distributions(halves[1], {"nf": (forward, halves[1][1])}, tmp_path / "jets.png")
+
+    assert "Underflow:" in texts
+    assert _format_jet_share(4, len(forward)) in texts
+
+
+def test_efp_plot_lists_outside_range(tmp_path, halves, monkeypatch):
+    # only the leading constituent of each jet is kept, and a one-particle jet has EFPs of 0,
+    # below the logarithmic bins
+    texts = figure_texts(monkeypatch)
+    mask = halves[1][1].copy()
+    mask[:, 1:] = False
+
+    plot_efps(halves[1], {"nf": (halves[1][0], mask)}, tmp_path / "efps.png", efp_jobs=1)
+
+    assert texts.count("Underflow:") == 5
+    assert texts.count(_format_jet_share(len(mask), len(mask))) == 5
 
 
 def test_jet_distribution_plot_written(tmp_path, halves, convae_evaluation):
