@@ -580,7 +580,9 @@ def _exit_on_run_errors(storage_url: str) -> Iterator[None]:
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo(
-            "Interrupted. Running trials are retried after the grace period; run the same command again to resume.",
+            "Interrupted. Run the same command again to resume: interrupted trials run again with the same "
+            "parameters, and a retraining continues from its last saved epoch. Work that could not be handed "
+            "back waits for the grace period.",
             err=True,
         )
         raise typer.Exit(130) from None

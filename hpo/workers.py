@@ -18,6 +18,9 @@ storage every few seconds. Each time, it starts and finishes stages
 (``hpo.pipeline.advance_pipeline``), fails stale trials, logs what changed and draws the
 progress view. :func:`run_workers`
 (``jethpo worker``) does the same for the pipelines already registered, without a profile.
+A controller stopped by Ctrl-C or SIGTERM ends its workers and hands the steps they claimed
+and their RUNNING trials back to the storage, so the next run takes them over at once
+instead of after the grace period.
 
 Every process keeps at most one idle PostgreSQL connection: the storages opened here have a
 pool of one connection plus one overflow connection, which is closed after use. A worker
@@ -33,6 +36,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -411,7 +415,7 @@ class Worker:
             identity = self.identity()
             self._step_runner = StepRunner(
                 storage=self._storage,
-                owner=f"{identity['hostname']}:{identity['pid']}:worker-{self.index}",
+                owner=_step_owner(identity),
                 heartbeat_interval_s=self.settings.heartbeat_interval,
                 grace_period_s=self.settings.grace_period,
                 data_loader=self._prepared_data,
@@ -612,6 +616,10 @@ def default_worker_count(cluster: Mapping[str, float], trial: Resources) -> int:
     return max(1, min(count, _capacity(cluster, trial)))
 
 
+_IDENTITY_GROUP = "identity"
+"""Ray concurrency group of the workers' ``identity`` calls, apart from the run loop's group."""
+
+
 @dataclass
 class WorkerPool:
     """Worker actors started by one controller.
@@ -623,6 +631,50 @@ class WorkerPool:
 
     workers: list[tuple[Any, Any]]
     placement_group: Any = None
+
+    def identities(self, timeout_s: float) -> dict[int, dict[str, Any]]:
+        """Ask every actor for its :meth:`Worker.identity` while its run loop goes on.
+
+        The calls run in a concurrency group of their own, so an actor returns its identity
+        while its run loop runs.
+
+        Returns:
+            The identities by position in ``workers``. Actors that did not answer within
+            ``timeout_s``, such as dead or restarting ones, are left out.
+        """
+        import ray
+
+        if not self.workers:
+            return {}
+        positions = {
+            actor.identity.options(concurrency_group=_IDENTITY_GROUP).remote(): position
+            for position, (actor, _) in enumerate(self.workers)
+        }
+        ready, _ = ray.wait(list(positions), num_returns=len(positions), timeout=timeout_s)
+        found = {}
+        for ref in ready:
+            try:
+                found[positions[ref]] = ray.get(ref)
+            except ray.exceptions.RayError:
+                continue
+        return found
+
+    def stop(self, timeout_s: float) -> set[int]:
+        """End every actor without restart and wait for their run loops to end.
+
+        Returns:
+            Positions in ``workers`` of the actors whose run loop ended within ``timeout_s``,
+            because it returned, raised, or its actor is dead.
+        """
+        import ray
+
+        if not self.workers:
+            return set()
+        positions = {ref: position for position, (_, ref) in enumerate(self.workers)}
+        for actor, _ in self.workers:
+            ray.kill(actor, no_restart=True)
+        ended, _ = ray.wait(list(positions), num_returns=len(positions), timeout=timeout_s)
+        return {positions[ref] for ref in ended}
 
     def kill(self) -> None:
         """End every actor without restart and release the placement group."""
@@ -673,7 +725,7 @@ def start_workers(
         group = placement_group([bundle] * in_group, strategy="SPREAD")
         ray.get(group.ready(), timeout=120)
 
-    actor_class = ray.remote(Worker)
+    actor_class = ray.remote(concurrency_groups={_IDENTITY_GROUP: 1})(Worker)
     threads = max(1, math.floor(trial.cpus))
     workers = []
     for position, index in enumerate(range(first_index, first_index + count)):
@@ -931,6 +983,174 @@ def _stop_workers(pool: WorkerPool, outcome: PipelineOutcome, timeout_s: float) 
     pool.kill()
 
 
+# handing back the work of an interrupted run
+
+_IDENTITY_TIMEOUT_S = 2.0
+"""Seconds an interrupted controller waits for its workers to report their identity."""
+
+_STOP_TIMEOUT_S = 5.0
+"""Seconds an interrupted controller waits for Ray to confirm that its workers ended."""
+
+_HAND_BACK_TIMEOUT_S = 10.0
+"""Seconds an interrupted controller spends releasing its workers' steps and failing their trials.
+
+It matches the PostgreSQL connect timeout of ``storage.open_storage``, so an unreachable
+database costs one connection attempt.
+"""
+
+HAND_BACK_LIMIT_S = _IDENTITY_TIMEOUT_S + _STOP_TIMEOUT_S + _HAND_BACK_TIMEOUT_S
+"""Longest time from Ctrl-C or SIGTERM to the end of the hand-back. A container manager must
+wait longer than this before it kills the controller."""
+
+
+def _hand_back_work(storage: optuna.storages.RDBStorage, pipelines: Sequence[str], pool: WorkerPool) -> None:
+    """End the workers of an interrupted run and hand the steps and trials they held back to the storage.
+
+    Their claimed steps become pending again, and their RUNNING trials are failed and
+    re-queued by the storage's retry callback, as heartbeat-stale trials are. So the next
+    run starts both at once instead of after the grace period, and a retraining resumes
+    from the training state it saved. Only workers that reported their identity and that
+    Ray confirmed as ended are handed back, so other controllers and workers that share the
+    storage keep their claims and trials.
+
+    Every wait is bounded, so an unreachable Ray cluster or database delays the exit by at
+    most ``_IDENTITY_TIMEOUT_S + _STOP_TIMEOUT_S + _HAND_BACK_TIMEOUT_S`` (17 s). Whatever is
+    not handed back is taken over after the grace period.
+    """
+    try:
+        identities = pool.identities(timeout_s=_IDENTITY_TIMEOUT_S)
+        ended = pool.stop(timeout_s=_STOP_TIMEOUT_S)
+    except Exception as error:
+        # Ray may be failing too, as when the controller lost the cluster
+        logger.warning(
+            "Failed to end the workers through Ray: %s. Their steps and trials are taken over after the grace period.",
+            error,
+        )
+        return
+    workers = [identities[position] for position in sorted(ended) if position in identities]
+    if len(workers) < len(pool.workers):
+        logger.warning(
+            "%d of %d workers did not report their identity within %g s or did not end within %g s. Their "
+            "steps and trials are taken over after the grace period.",
+            len(pool.workers) - len(workers),
+            len(pool.workers),
+            _IDENTITY_TIMEOUT_S,
+            _STOP_TIMEOUT_S,
+        )
+    if not workers:
+        return
+
+    # a thread, because a database request can block longer than the bound
+    thread = threading.Thread(
+        target=_release_work, args=(storage, pipelines, workers), name="hand back work", daemon=True
+    )
+    thread.start()
+    try:
+        thread.join(_HAND_BACK_TIMEOUT_S)
+    except KeyboardInterrupt:
+        logger.warning(
+            "Interrupted again while handing back the work of the stopped workers. What is left is taken over "
+            "after the grace period."
+        )
+        raise
+    if thread.is_alive():
+        logger.warning(
+            "Handing back the steps and trials of %d stopped workers did not finish within %g s. What is left "
+            "is taken over after the grace period.",
+            len(workers),
+            _HAND_BACK_TIMEOUT_S,
+        )
+
+
+def _release_work(storage: optuna.storages.RDBStorage, pipelines: Sequence[str], workers: Sequence[Mapping[str, Any]]) -> None:
+    """Release the steps and fail the RUNNING trials of ended workers, logging instead of raising."""
+    try:
+        owners = [_step_owner(identity) for identity in workers]
+        steps = sum(len(stage_table.release_stages(storage.engine, pipeline, owners)) for pipeline in pipelines)
+        trials = _fail_trials_of(storage, pipelines, workers)
+    except Exception as error:
+        logger.warning(
+            "Failed to hand back the steps and trials of the stopped workers: %s. They are taken over after "
+            "the grace period.",
+            describe_database_error(error),
+        )
+        return
+    logger.info("Handed back %d steps and %d RUNNING trials of %d stopped workers", steps, trials, len(workers))
+
+
+def _step_owner(identity: Mapping[str, Any]) -> str:
+    """Return the ``claimed_by`` value of the steps that a worker with this identity claims."""
+    return f"{identity['hostname']}:{identity['pid']}:worker-{identity['worker']}"
+
+
+def _trial_tag(attrs: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Return ``(node_id, hostname, pid, worker)`` of a trial's user attributes or a worker's identity."""
+    return (attrs.get("node_id"), attrs.get("hostname"), attrs.get("pid"), attrs.get("worker"))
+
+
+def _fail_trials_of(
+    storage: optuna.storages.RDBStorage, pipelines: Sequence[str], workers: Sequence[Mapping[str, Any]]
+) -> int:
+    """Fail the RUNNING trials of ended workers and re-queue them with the storage's retry callback.
+
+    A trial belongs to a worker when its user attributes ``node_id``, ``hostname``, ``pid``
+    and ``worker`` equal the worker's identity.
+
+    Returns:
+        The number of trials failed.
+    """
+    tags = {_trial_tag(identity): identity for identity in workers}
+    study_names = dict.fromkeys(
+        stage.study_name for pipeline in pipelines for stage in stage_table.get_stages(storage.engine, pipeline)
+    )
+    callback = storage.get_heartbeat_stale_trial_callback()
+    failed = 0
+    for study_name in study_names:
+        try:
+            study_id = storage.get_study_id_from_name(study_name)
+        except KeyError:
+            continue
+        for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            identity = tags.get(_trial_tag(trial.user_attrs))
+            if identity is None:
+                continue
+            try:
+                if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # the worker finished the trial before it ended
+                continue
+            failed += 1
+            retry = None
+            if callback is not None:
+                study = optuna.load_study(study_name=study_name, storage=storage)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    callback(study, storage.get_trial(trial._trial_id))
+                waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                retry = next(
+                    (item.number for item in waiting if (item.system_attrs.get("retry_history") or [None])[-1] == trial.number),
+                    None,
+                )
+            worker = f"worker {identity['worker']} (pid {identity['pid']} on {identity['hostname']})"
+            if retry is None:
+                logger.warning(
+                    "Failed trial %d of study %s, which the stopped %s ran, and its retries ran out",
+                    trial.number,
+                    study_name,
+                    worker,
+                )
+            else:
+                logger.info(
+                    "Failed trial %d of study %s, which the stopped %s ran. Retrying its parameters as trial %d",
+                    trial.number,
+                    study_name,
+                    worker,
+                    retry,
+                )
+    return failed
+
+
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM, as sent by ``docker stop``, into KeyboardInterrupt in the main thread."""
@@ -1049,7 +1269,8 @@ def run_pipeline(
 
     Raises:
         RunError, StorageError, ConfigError: for invalid input, or when the run cannot go on.
-        KeyboardInterrupt: on Ctrl-C or SIGTERM, after the workers were stopped.
+        KeyboardInterrupt: on Ctrl-C or SIGTERM, after the workers were stopped and the
+            steps and RUNNING trials they held were handed back to the storage.
     """
     from hpo.progress import LiveView, PipelineMonitor
     from hpo.studies import load_spaces
@@ -1168,11 +1389,13 @@ def _drive(
     log_to_driver: bool,
 ) -> PipelineOutcome:
     pool: WorkerPool | None = None
-    with _sigterm_as_interrupt():
-        # connect_ray sets environment variables that Ray reads when it is first imported
-        connect_ray(address, log_to_driver=log_to_driver)
-        import ray
+    # connect_ray sets environment variables that Ray reads when it is first imported
+    connect_ray(address, log_to_driver=log_to_driver)
+    import ray
 
+    # after connect_ray, because ray.init (Ray 2.60) replaces the SIGTERM handler with one
+    # that calls sys.exit, which would skip the hand-back below
+    with _sigterm_as_interrupt():
         try:
             cluster = _wait_for_capacity(trial, timeout_s=_NODE_WAIT_S if address else 0)
             count = workers if workers is not None else default_worker_count(cluster, trial)
@@ -1184,9 +1407,15 @@ def _drive(
             else:
                 outcome = supervise(storage, pipelines, pool.workers, settings=settings, monitor=monitor)
             _stop_workers(pool, outcome, timeout_s=settings.poll_interval_s * 3 + 30)
+        except KeyboardInterrupt:
+            # on Ctrl-C or SIGTERM the workers stop with this controller, so the steps and
+            # trials they hold go back to the storage for the next run
+            if pool is not None:
+                _hand_back_work(storage, pipelines, pool)
+            raise
         finally:
             if pool is not None:
-                # after an interruption or error, the running trials go stale and are retried
+                # after another error, the running trials and steps go stale and are taken over
                 pool.kill()
             ray.shutdown()
             storage.engine.dispose()

@@ -48,6 +48,7 @@ __all__ = [
     "metadata",
     "outputs_table",
     "reclaim_stage",
+    "release_stages",
     "reset_stages",
     "save_space",
     "set_output",
@@ -436,6 +437,46 @@ def reclaim_stage(engine: Engine, pipeline: str, stage: str, owner: str, stale_b
     if taken:
         logger.info("Stage %r of pipeline %r reclaimed by %s after its claimer stopped", stage, pipeline, owner)
     return taken
+
+
+def release_stages(engine: Engine, pipeline: str, owners: Sequence[str]) -> list[tuple[str, str]]:
+    """Set the running stages claimed by any of ``owners`` back to pending and drop the claims.
+
+    Meant for claimers that stopped for good, such as the workers of an interrupted run. The
+    next claimer then takes a released stage at once, instead of waiting for the grace
+    period that :func:`reclaim_stage` needs. Each stage is released only while one of ``owners`` still
+    has its claim, so a stage that another process reclaimed in the meantime keeps its claimer.
+
+    Args:
+        engine: Engine of the storage.
+        pipeline: Pipeline name.
+        owners: Claimers whose stages are released, as in :func:`claim_stage`.
+
+    Returns:
+        ``(stage, owner)`` for each stage released.
+    """
+    if not owners:
+        return []
+    running = (stages_table.c.pipeline == pipeline) & (stages_table.c.state == StageState.RUNNING.value)
+    released = []
+    with engine.begin() as connection:
+        claimed = connection.execute(
+            select(stages_table.c.stage, stages_table.c.claimed_by).where(
+                running & stages_table.c.claimed_by.in_(list(owners))
+            )
+        ).all()
+        for row in claimed:
+            statement = (
+                update(stages_table)
+                .where(running & (stages_table.c.stage == row.stage) & (stages_table.c.claimed_by == row.claimed_by))
+                .values(state=StageState.PENDING.value, claimed_by=None, claimed_at=None, updated_at=_utc_now())
+            )
+            if connection.execute(statement).rowcount == 1:
+                released.append((row.stage, row.claimed_by))
+
+    for stage, owner in released:
+        logger.info("Stage %r of pipeline %r is pending again because its claimer %s stopped", stage, pipeline, owner)
+    return released
 
 
 def reset_stages(engine: Engine, pipeline: str, stages: Sequence[str]) -> int:

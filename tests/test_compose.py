@@ -402,6 +402,15 @@ def test_start_order(services):
     assert dependencies("dashboard") == {"postgres"}
 
 
+def test_controller_stop_grace_covers_hand_back(services):
+    from hpo.workers import HAND_BACK_LIMIT_S
+
+    grace = services["controller"]["stop_grace_period"]
+
+    assert grace.endswith("s")
+    assert int(grace[:-1]) > HAND_BACK_LIMIT_S
+
+
 @pytest.mark.parametrize("port_variable", [None, "JETHPO_DASHBOARD_PORT", "RAY_DASHBOARD_PORT"])
 def test_ports_bind_to_localhost(env_example, port_variable):
     variables = dict(env_example)

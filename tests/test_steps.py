@@ -167,6 +167,43 @@ def test_step_claim_kept_while_touched(settings, jets_path, tmp_path):
     assert finish_stage(engine, "steps", "retrain:flat", StageState.DONE, owner="second")
 
 
+def test_hand_back_releases_only_stopped_workers(settings, jets_path, tmp_path, caplog):
+    from hpo.workers import _release_work
+    from storage.pipeline import claim_stage
+
+    storage, _ = searched_pipeline(settings.storage_url, jets_path, tmp_path)
+    engine = storage.engine
+    stopped = {"node_id": "node-a", "hostname": "host-a", "pid": 101, "worker": 0}
+    # a worker of another controller with the same pid and index, on another host
+    other = {"node_id": "node-b", "hostname": "host-b", "pid": 101, "worker": 0}
+    assert claim_stage(engine, "steps", "retrain:flat", "host-a:101:worker-0")
+    assert claim_stage(engine, "steps", "evaluate:flat", "host-b:101:worker-0")
+    study = optuna.load_study(study_name="flat.search", storage=storage)
+    numbers = {}
+    for name, identity in (("stopped", stopped), ("other", other)):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        for key, value in identity.items():
+            trial.set_user_attr(key, value)
+        numbers[name] = trial.number
+
+    with caplog.at_level("INFO", logger="hpo.workers"):
+        _release_work(storage, ["steps"], [stopped])
+
+    stages = {stage.stage: stage for stage in get_stages(engine, "steps")}
+    assert stages["retrain:flat"].state == StageState.PENDING
+    assert stages["retrain:flat"].claimed_by is None
+    assert stages["evaluate:flat"].state == StageState.RUNNING
+    assert stages["evaluate:flat"].claimed_by == "host-b:101:worker-0"
+    trials = study.get_trials()
+    assert trials[numbers["stopped"]].state == TrialState.FAIL
+    assert trials[numbers["other"]].state == TrialState.RUNNING
+    retries = [trial for trial in trials if trial.system_attrs.get("retry_history") == [numbers["stopped"]]]
+    assert [trial.state for trial in retries] == [TrialState.WAITING]
+    assert retries[0].params == trials[numbers["stopped"]].params
+    assert "Handed back 1 steps and 1 RUNNING trials of 1 stopped workers" in caplog.text
+
+
 def test_outputs_are_replaced_not_duplicated(settings, jets_path, tmp_path):
     storage, _ = searched_pipeline(settings.storage_url, jets_path, tmp_path)
 

@@ -21,7 +21,9 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -477,6 +479,50 @@ def test_trial_failed_by_storage_error_is_requeued(fresh_postgres_url, tiny_file
     assert "re-queued its parameters" in caplog.text
 
 
+def test_hand_back_owner_matches_step_claims(tmp_path):
+    from hpo.workers import _step_owner
+
+    worker = Worker(WorkerSettings(f"sqlite:///{tmp_path / 'jethpo.db'}"), ["tiny"], index=3)
+    # the step runner only keeps the storage, so any object will do
+    worker._storage = object()
+
+    assert worker._steps().owner == _step_owner(worker.identity())
+
+
+class _EndedPool:
+    """Stand-in for a WorkerPool whose one worker reported its identity and ended."""
+
+    workers = [(None, None)]
+
+    def identities(self, timeout_s: float) -> dict[int, dict]:
+        return {0: {"node_id": "node-a", "hostname": "host-a", "pid": 101, "worker": 0}}
+
+    def stop(self, timeout_s: float) -> set[int]:
+        return {0}
+
+
+def test_hand_back_gives_up_after_time_bound(monkeypatch, caplog):
+    import hpo.workers
+
+    monkeypatch.setattr(hpo.workers, "_HAND_BACK_TIMEOUT_S", 0.5)
+    # a server that accepts connections and never replies, as a hung database does
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        engine = sqlalchemy.create_engine(
+            f"postgresql+psycopg2://jethpo@127.0.0.1:{silent.getsockname()[1]}/jethpo",
+            poolclass=sqlalchemy.pool.NullPool,
+            connect_args={"connect_timeout": 60},
+        )
+        started = time.monotonic()
+        hpo.workers._hand_back_work(SimpleNamespace(engine=engine), ["tiny"], _EndedPool())
+        elapsed_s = time.monotonic() - started
+    # closing the socket makes the connection attempt fail, which ends the hand-back thread
+
+    assert elapsed_s < 3
+    assert "did not finish within 0.5 s" in caplog.text
+
+
 # tests on the Ray cluster
 
 
@@ -617,6 +663,142 @@ def test_killed_controller_resumes_pipeline(ray_cluster, ray_env, fresh_postgres
     for old in trials_before["tiny-nf.second"]:
         if old.state.is_finished():
             assert trials["tiny-nf.second"][old.number].state == old.state
+
+
+# Two families of a small reconstruction-tuned ConVAE, which has no evaluation step, so the
+# pipeline is two searches and two retrainings. quick-vae searches one trial of 2 epochs and
+# then retrains for 300, and slow-vae searches one trial of 300 epochs. An epoch took about
+# 0.05 s in this test on a 2-core VM under load, so a retraining and a trial run side by
+# side for about 10 s after the first trial.
+INTERRUPT_SPACE = """
+name: NAME
+description: Small reconstruction-tuned ConVAE for the interruption test.
+model: convae
+objective: reconstruction
+sampler: {type: random, seed: 0}
+pruner: {type: none}
+stages:
+  - name: search
+    params:
+      lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+    fixed:
+      {alpha: 1.0, beta: 0.01, gamma: 0.5, gamma_pt: 1.0, gamma_m: 1.0, latent_dim: 4, n_filters: 4,
+       kernel_size: 3, linear_nodes: 32, n_conv_layers: 1, activation: ReLU}
+"""
+
+INTERRUPT_PROFILE = """
+name: interrupt
+n_jets: 600
+models:
+  convae: &budget
+    search: {n_trials: 1, epochs: 2, batch_size: 100, eval_every: 1, resources: {cpus: 1, gpus: 0}}
+    retrain: {epochs: 2, batch_size: 100, eval_every: 1, resources: {cpus: 1, gpus: 0}}
+  realnvp-latent: *budget
+  realnvp-flat: *budget
+families:
+  quick-vae:
+    retrain: {epochs: 300, eval_every: 10}
+  slow-vae:
+    search: {epochs: 300, eval_every: 10}
+"""
+
+
+@dataclass
+class InterruptedRun:
+    """A ``jethpo run`` of the interrupt profile, signalled while a retraining and a trial ran."""
+
+    arguments: list[str]
+    command: Command
+    interrupted: bool
+    exit_code: int
+    exit_s: float
+    state_path: Path
+
+
+def interrupt_run(url: str, jets_path: str, tmp_path: Path, env: dict[str, str], signum: int) -> InterruptedRun:
+    """Start the interrupt profile's run and send it ``signum`` once retrain:quick-vae saved its
+    training state while the slow-vae trial runs, then wait for the run to exit."""
+    storage = reader(url)
+    for name in ("quick-vae", "slow-vae"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(INTERRUPT_SPACE.replace("NAME", name))
+        add_space(storage, path)
+    storage.engine.dispose()
+    profile_path = tmp_path / "interrupt.yaml"
+    profile_path.write_text(INTERRUPT_PROFILE)
+    artifacts = tmp_path / "artifacts"
+    state_path = artifacts / "work" / "interrupt" / "retrain-quick-vae" / "training-state.pt"
+    # a local Ray instance, as on a user's machine. The grace period is far longer than the
+    # test, so nothing is taken over because it went stale. -v shows the workers' log lines.
+    arguments = [
+        "-v", "run", "--profile", str(profile_path), "--storage", url, "--data", jets_path,
+        "--data-dir", str(tmp_path), "--artifacts", str(artifacts), "--family", "quick-vae", "--family", "slow-vae",
+        "--workers", "2", "--heartbeat-interval", "1", "--grace-period", "600", "--no-progress",
+    ]  # fmt: skip
+
+    admin = admin_engine(url)
+    command = Command(arguments, env)
+    interrupted = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and command.process.poll() is None:
+        claimed = query(admin, "SELECT 1 FROM jethpo_stages WHERE stage = 'retrain:quick-vae' AND state = 'running'")
+        trial_running = any(study == "slow-vae.search" for study, _, _ in running_trials(admin, min_age_s=0))
+        if claimed and trial_running and state_path.exists():
+            interrupted = True
+            break
+        time.sleep(0.2)
+    admin.dispose()
+    signalled = time.monotonic()
+    command.process.send_signal(signum)
+    exit_code = command.wait(timeout_s=60)
+    return InterruptedRun(arguments, command, interrupted, exit_code, time.monotonic() - signalled, state_path)
+
+
+def test_interrupted_run_hands_back_its_work(ray_env, fresh_postgres_url, jets_path, tmp_path):
+    run = interrupt_run(fresh_postgres_url, jets_path, tmp_path, ray_env, signal.SIGINT)
+    first = run.command
+    admin = admin_engine(fresh_postgres_url)
+    stages = {stage.stage: stage for stage in get_stages(admin, "interrupt")}
+    trials = stage_trials(fresh_postgres_url)
+
+    assert run.interrupted, first.output
+    assert run.exit_code == 130, first.output
+    assert run.exit_s < 20, first.output
+    assert stages["retrain:quick-vae"].state == StageState.PENDING
+    assert stages["retrain:quick-vae"].claimed_by is None
+    assert [trial.state for trial in trials["slow-vae.search"]] == [TrialState.FAIL, TrialState.WAITING]
+    failed, retry = trials["slow-vae.search"]
+    assert retry.params == failed.params
+    assert retry.system_attrs["retry_history"] == [0]
+    assert "Handed back 1 steps and 1 RUNNING trials of 2 stopped workers" in first.output
+    assert run.state_path.exists()
+
+    # the second run takes both over at once, far within the grace period
+    second = Command(run.arguments, ray_env)
+    code = second.wait(timeout_s=180)
+    stages = {stage.stage: stage for stage in get_stages(admin, "interrupt")}
+    admin.dispose()
+
+    assert code == 0, second.output
+    assert {stage.state for stage in stages.values()} == {StageState.DONE}
+    assert "Resuming the retraining of trial 0 of study quick-vae.search after epoch" in second.output
+    trials = assert_budgets_used_exactly(fresh_postgres_url, {"quick-vae.search": 1, "slow-vae.search": 1})
+    assert [trial.state for trial in trials["slow-vae.search"]] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_sigterm_hands_back_work(ray_env, fresh_postgres_url, jets_path, tmp_path):
+    # SIGTERM, as docker stop sends it, must take the same path as Ctrl-C
+    run = interrupt_run(fresh_postgres_url, jets_path, tmp_path, ray_env, signal.SIGTERM)
+    admin = admin_engine(fresh_postgres_url)
+    stages = {stage.stage: stage for stage in get_stages(admin, "interrupt")}
+    admin.dispose()
+    trials = stage_trials(fresh_postgres_url)
+
+    assert run.interrupted, run.command.output
+    assert run.exit_code == 130, run.command.output
+    assert stages["retrain:quick-vae"].state == StageState.PENDING
+    assert [trial.state for trial in trials["slow-vae.search"]] == [TrialState.FAIL, TrialState.WAITING]
+    assert "Handed back 1 steps and 1 RUNNING trials of 2 stopped workers" in run.command.output
 
 
 def _can_restart_postgres(url: str) -> str | None:
