@@ -131,8 +131,9 @@ def fused_adam() -> Iterator[None]:
         torch.optim.Adam = original
 
 
-def _with_fused(original, fused: bool, *args, **kwargs):
-    kwargs["fused"] = fused
+def _with_fused(original, use_fused: bool, *args, **kwargs):
+    # models.training passes fused=True itself, which this keyword replaces
+    kwargs["fused"] = use_fused
     return original(*args, **kwargs)
 
 
