@@ -18,9 +18,9 @@ Run from the repository root::
     python -m bench.metrics                    # 5,000 jets: about 2 minutes
     python -m bench.metrics --n-jets 50000 --fpnd-max-jets 10000   # 50,000 jets: about 8 minutes
 
-FPND on all 50,000 jets needed more than 15 GB in this process on the development machine
-(the resident memory grows while FPND runs, for a reason not found yet), hence
-``--fpnd-max-jets``.
+``--fpnd-max-jets`` limits the jets that FPND passes through ParticleNet. Before
+``models.metrics.fpnd`` wrote its activations into one array, FPND on 50,000 jets grew
+this process past 15 GB on the development machine.
 """
 
 from __future__ import annotations

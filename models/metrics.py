@@ -551,14 +551,17 @@ def fpnd(
     jets = torch.as_tensor(relative[:max_jets], dtype=torch.float32)
     jets = JetNet.fpnd_norm(jets, inplace=False)
 
-    # ParticleNet activations
+    # ParticleNet activations, written into one array allocated before the first batch.
+    # Keeping each batch's output as an array of its own made the resident memory grow with
+    # every batch in some runs (a peak of 4,723 MiB for 10,000 jets on the CPU). With glibc's
+    # dynamic mmap threshold turned off it did not grow, so the kept outputs most likely
+    # fragmented the heap to which each batch frees its large temporaries.
     network = _cached_particlenet(str(device))
-    activations = []
+    activations = np.empty((len(jets), network.fc_size), dtype=np.float64)
     with torch.inference_mode():
         for start in range(0, len(jets), batch_size):
             batch = jets[start : start + batch_size].to(device)
-            activations.append(network.activations(batch).cpu().numpy())
-    activations = np.concatenate(activations).astype(np.float64)
+            activations[start : start + len(batch)] = network.activations(batch).cpu().numpy()
 
     # Frechet distance between the two Gaussians
     mu = activations.mean(axis=0)

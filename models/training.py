@@ -32,6 +32,7 @@ from models.metrics import emd_sum
 from models.realnvp import RealNVP
 
 __all__ = [
+    "EVAL_BATCH_SIZE",
     "NonFiniteLossError",
     "EpochCallback",
     "StateCallback",
@@ -116,6 +117,14 @@ def _jets_in_gev(scaled: Tensor, scaler: MinMaxScaler) -> np.ndarray:
     return scaler.inverse_transform(scaled.detach().to("cpu", torch.float64)).numpy()
 
 
+#: Jets per network call when an evaluation decodes its validation-sized sample. The output
+#: of the generation-tuned ConVAE's ``Linear(1100, 13200)`` alone takes 52.8 kB per jet.
+#: Decoding the 26,588 validation jets of a paper-size trial at once took the trial's peak
+#: resident memory to 5,283 MiB, and batches of 1024 to about 1,300 MiB
+#: (``python -m bench.memory --paper-size`` on the CPU).
+EVAL_BATCH_SIZE = 1024
+
+
 @torch.no_grad()
 def evaluate_convae(
     model: ConVAE,
@@ -124,6 +133,7 @@ def evaluate_convae(
     validation_gev: np.ndarray,
     scaler: MinMaxScaler,
     generator: torch.Generator,
+    batch_size: int = EVAL_BATCH_SIZE,
 ) -> float:
     """Compute the validation EMD_sum of a ConVAE.
 
@@ -136,6 +146,9 @@ def evaluate_convae(
         validation_gev: ``[n, 30, 3]`` (px, py, pz) in GeV, the reference sample.
         scaler: Maps network space back to GeV.
         generator: Source of the latent samples for ``"generation"``.
+        batch_size: Jets per encoder and decoder call, which bounds the memory of the
+            evaluation. All latent samples are drawn in one call before decoding, so the
+            jets do not depend on the batch size.
 
     Returns:
         EMD_sum between the model's jets and the validation jets.
@@ -150,13 +163,27 @@ def evaluate_convae(
                 generator=generator,
                 device=generator.device,
             ).to(validation_scaled.device)
-            produced = model.decode(z)
+            produced_gev = _decode_in_batches(model.decode, z, scaler, batch_size)
         else:
-            mean, _ = model.encode(validation_scaled)
-            produced = model.decode(mean)
+
+            def reconstruct(jets: Tensor) -> Tensor:
+                mean, _ = model.encode(jets)
+                return model.decode(mean)
+
+            produced_gev = _decode_in_batches(reconstruct, validation_scaled, scaler, batch_size)
     finally:
         model.train(was_training)
-    return emd_sum(_jets_in_gev(produced, scaler), validation_gev).total
+    return emd_sum(produced_gev, validation_gev).total
+
+
+def _decode_in_batches(
+    decode: Callable[[Tensor], Tensor], inputs: Tensor, scaler: MinMaxScaler, batch_size: int
+) -> np.ndarray:
+    """Apply ``decode`` to ``inputs`` in batches of ``batch_size`` rows and return the
+    decoded jets in GeV, float64 ``[n, 30, 3]`` on the CPU."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"evaluation batch_size must be a positive integer, got {batch_size!r}")
+    return np.concatenate([_jets_in_gev(decode(batch), scaler) for batch in inputs.split(batch_size)])
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device):
@@ -511,7 +538,9 @@ def train_convae(
         _check_finite(loss_sum, "ConVAE", epoch)
 
         if epoch % eval_every == 0 or epoch == epochs:
-            value = evaluate_convae(model, objective, validation_scaled, validation_gev, scaler, sample_generator)
+            value = evaluate_convae(
+                model, objective, validation_scaled, validation_gev, scaler, sample_generator, EVAL_BATCH_SIZE
+            )
             logger.debug("convae epoch %d: validation EMD_sum %.4g", epoch, value)
             run.record(epoch, value)
 
@@ -526,14 +555,18 @@ def _evaluate_flow(
     validation_gev: np.ndarray,
     scaler: MinMaxScaler,
     generator: torch.Generator,
+    batch_size: int = EVAL_BATCH_SIZE,
 ) -> float:
     was_training = flow.training
     flow.eval()
     try:
-        jets = decode(flow.sample(n_jets, generator=generator))
+        # z for all jets in one draw, as flow.sample(n_jets) makes it, so that the jets do
+        # not depend on the batch size
+        z = flow.base.sample(n_jets, generator)
+        produced_gev = _decode_in_batches(lambda batch: decode(flow.inverse(batch)), z, scaler, batch_size)
     finally:
         flow.train(was_training)
-    return emd_sum(_jets_in_gev(jets, scaler), validation_gev).total
+    return emd_sum(produced_gev, validation_gev).total
 
 
 def train_realnvp(
@@ -643,7 +676,9 @@ def train_realnvp(
         scheduler.step()
 
         if epoch % eval_every == 0 or epoch == epochs:
-            value = _evaluate_flow(flow, decode, len(validation_gev), validation_gev, scaler, sample_generator)
+            value = _evaluate_flow(
+                flow, decode, len(validation_gev), validation_gev, scaler, sample_generator, EVAL_BATCH_SIZE
+            )
             logger.debug("realnvp epoch %d: validation EMD_sum %.4g", epoch, value)
             run.record(epoch, value)
 

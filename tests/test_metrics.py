@@ -403,6 +403,16 @@ def test_fpnd_finite_and_grows_with_distortion(real_jets, no_network):
     assert distorted_value > value
 
 
+def test_fpnd_same_for_any_batch_size(real_jets):
+    relative = relative_coordinates(*real_jets)[:150]
+
+    one_batch = metrics.fpnd(relative, batch_size=150)
+
+    # 64 leaves a last batch of 22 jets
+    for batch_size in (7, 64):
+        assert metrics.fpnd(relative, batch_size=batch_size) == pytest.approx(one_batch, rel=1e-4), batch_size
+
+
 def test_fpnd_nan_jets_return_inf(real_jets, caplog):
     relative = relative_coordinates(*real_jets)[:10]
     relative[0, 0, 0] = np.nan

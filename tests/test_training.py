@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import models.training as training
 from models.convae import ConVAE, ConVAEConfig
 from models.data import MinMaxScaler, split_jets
 from models.losses import LossWeights, gamma_m_range
@@ -464,3 +465,99 @@ def test_resume_rejects_state_without_optimizer(few_jets, convae_state):
 
     with pytest.raises(ValueError, match="missing 'optimizer'"):
         _convae_run(few_jets, 2, resume=incomplete)
+
+
+# evaluation in batches
+
+
+def _recording(decode, batches: list):
+    """Wrap ``decode`` so that each call appends its output to ``batches``."""
+
+    def record(z):
+        jets = decode(z)
+        batches.append(jets)
+        return jets
+
+    return record
+
+
+@pytest.mark.parametrize("objective", ["generation", "reconstruction"])
+def test_batched_evaluation_matches_unbatched(prepared, objective):
+    splits, scaler, train, validation, weights = prepared
+    torch.manual_seed(0)
+    model = ConVAE(SMALL_CONVAE)
+    decode = model.decode
+    runs = {}
+    for batch_size in (len(validation), 16):
+        batches = []
+        model.decode = _recording(decode, batches)
+        generator = torch.Generator().manual_seed(5)
+        value = evaluate_convae(
+            model, objective, validation, splits.validation.constituents, scaler, generator, batch_size=batch_size
+        )
+        runs[batch_size] = (value, batches, generator.get_state())
+    del model.decode
+
+    unbatched_value, unbatched_batches, unbatched_generator_state = runs[len(validation)]
+    value, batches, generator_state = runs[16]
+    n_full, rest = divmod(len(validation), 16)
+    assert [len(batch) for batch in unbatched_batches] == [len(validation)]
+    assert [len(batch) for batch in batches] == [16] * n_full + [rest]
+    torch.testing.assert_close(torch.cat(batches), unbatched_batches[0])
+    assert value == pytest.approx(unbatched_value, rel=1e-6)
+    assert torch.equal(generator_state, unbatched_generator_state)
+
+
+def test_evaluation_rejects_zero_batch_size(prepared):
+    splits, scaler, train, validation, weights = prepared
+
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        evaluate_convae(
+            ConVAE(SMALL_CONVAE),
+            "generation",
+            validation,
+            splits.validation.constituents,
+            scaler,
+            torch.Generator(),
+            batch_size=0,
+        )
+
+
+def test_latent_flow_batched_evaluation_matches_unbatched(few_jets, monkeypatch):
+    torch.manual_seed(1)
+    convae = ConVAE(SMALL_CONVAE)
+    with torch.no_grad():
+        latents = convae.encode(few_jets["train"])[0]
+
+    def run(eval_batch_size):
+        monkeypatch.setattr(training, "EVAL_BATCH_SIZE", eval_batch_size)
+        batches = []
+        torch.manual_seed(0)
+        flow = RealNVP(dim=SMALL_CONVAE.latent_dim, n_flows=2, hidden_sizes=[16])
+        result = train_realnvp(
+            flow,
+            latents,
+            _recording(convae.decode, batches),
+            few_jets["validation_gev"],
+            few_jets["scaler"],
+            epochs=2,
+            batch_size=16,
+            lr=1e-3,
+            seed=3,
+            data_fingerprint=few_jets["fingerprint"],
+            eval_every=1,
+        )
+        return result, batches
+
+    unbatched, unbatched_batches = run(10_000)
+    batched, batches = run(10)
+
+    # 24 validation jets, decoded after each of the 2 epochs
+    assert [len(batch) for batch in unbatched_batches] == [24, 24]
+    assert [len(batch) for batch in batches] == [10, 10, 4, 10, 10, 4]
+    torch.testing.assert_close(torch.cat(batches[:3]), unbatched_batches[0])
+    torch.testing.assert_close(torch.cat(batches[3:]), unbatched_batches[1])
+    assert [epoch for epoch, _ in batched.history] == [1, 2]
+    for (_, value), (_, unbatched_value) in zip(batched.history, unbatched.history):
+        assert value == pytest.approx(unbatched_value, rel=1e-6)
+    _assert_same_tensors(batched.checkpoint["state_dict"], unbatched.checkpoint["state_dict"])
