@@ -369,9 +369,25 @@ def enqueue_command(
         )
         raise typer.Exit(1)
 
+    from sqlalchemy import select
+
+    from storage.pipeline import StageState, stages_table
+
     url = _storage_url(storage, data_dir)
     with _exit_on_user_errors(url):
         rdb = _open_storage(url)
+        with rdb.engine.connect() as connection:
+            registered = connection.execute(
+                select(stages_table.c.pipeline, stages_table.c.state).where(stages_table.c.study_name == study)
+            ).all()
+        finished = [row.pipeline for row in registered if row.state in (StageState.DONE.value, StageState.FAILED.value)]
+        if finished:
+            typer.echo(
+                f"Error: study {study} is a finished stage of pipeline {', '.join(finished)}, and no worker runs "
+                f"trials of a finished stage. Enqueue trials before or while the stage runs.",
+                err=True,
+            )
+            raise typer.Exit(1)
         added = enqueue(rdb, study, values)
 
     if added:
@@ -581,8 +597,7 @@ def _exit_on_run_errors(storage_url: str) -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo(
             "Interrupted. Run the same command again to resume: interrupted trials run again with the same "
-            "parameters, and a retraining continues from its last saved epoch. Work that could not be handed "
-            "back waits for the grace period.",
+            "parameters, and a retraining continues from its last saved epoch.",
             err=True,
         )
         raise typer.Exit(130) from None
@@ -621,7 +636,10 @@ def _warn_sqlite_on_cluster(url: str, address: str | None) -> None:
 
 
 def _print_outcome(outcome: Any) -> None:
-    """Print one row per stage: state, finished trials out of the budget and best EMD_sum."""
+    """Print one row per stage: state, finished trials out of the budget and best EMD_sum.
+
+    Steps run once, so their Done column says ``step`` instead of a trial count.
+    """
     progress = outcome.progress
     if progress is None:
         return
@@ -629,10 +647,11 @@ def _print_outcome(outcome: Any) -> None:
     for column in ("Stage", "State", "Done", "Best EMD_sum", "Best trial"):
         table.add_column(column)
     for stage in progress.stages:
+        done = "step" if stage.is_step else f"{stage.counts.finished}/{stage.n_trials}"
         table.add_row(
             stage.name,
             stage.state.value,
-            f"{stage.counts.finished}/{stage.n_trials}",
+            done,
             _format_value(stage.best_value),
             _format_value(stage.best_trial),
         )
@@ -811,6 +830,12 @@ PipelineOption = Annotated[
 
 def _results_document(rdb: Any, pipeline: str | None) -> dict | None:
     """Return the results document of a pipeline, or of the pipeline that finished last, or None."""
+    latest = _latest_results(rdb, pipeline)
+    return None if latest is None else latest[1]
+
+
+def _latest_results(rdb: Any, pipeline: str | None) -> tuple[str, dict] | None:
+    """Return ``(pipeline, results document)`` as :func:`_results_document` finds it, or None."""
     from sqlalchemy import select
 
     from storage.pipeline import outputs_table
@@ -824,7 +849,7 @@ def _results_document(rdb: Any, pipeline: str | None) -> dict | None:
         rows = connection.execute(statement.order_by(outputs_table.c.updated_at.desc())).all()
     for row in rows:
         if isinstance(row.payload, dict) and "document" in row.payload:
-            return row.payload["document"]
+            return row.pipeline, row.payload["document"]
     return None
 
 
@@ -842,9 +867,21 @@ def results_command(
     as_json: JsonOption = False,
 ) -> None:
     """Print the final evaluation table: the models, the truth row and the published rows."""
+    from storage.pipeline import StageState, get_stages
+
     url = _storage_url(storage, data_dir)
     with _exit_on_user_errors(url):
-        document = _results_document(_open_storage(url), pipeline)
+        rdb = _open_storage(url)
+        latest = _latest_results(rdb, pipeline)
+        stages = {} if latest is None else {row.stage: row.state for row in get_stages(rdb.engine, latest[0])}
+    document = None if latest is None else latest[1]
+    if latest is not None and stages.get(f"results:{latest[0]}", StageState.DONE) != StageState.DONE:
+        # a forced retraining or an added family reset the results step after this table was made
+        typer.echo(
+            f"Note: the results step of pipeline {latest[0]} is {stages[f'results:{latest[0]}'].value}, so this "
+            f"table comes from its previous run. Run 'jethpo run' for that profile to make it again.",
+            err=True,
+        )
     if document is None:
         which = f"pipeline {pipeline!r}" if pipeline else "any pipeline"
         typer.echo(
@@ -997,6 +1034,14 @@ def generate_command(
                 raise ValueError(str(error)) from None
         sampler = sampler_from_checkpoint(checkpoint, device=device)
         generator = torch.Generator(device=sampler.device).manual_seed(seed)
+        logger.info(
+            "Generating %d jets with the %s of %s (%s, batches of %d jets)",
+            jets,
+            model,
+            step,
+            device,
+            min(batch_size, jets),
+        )
         constituents = sampler.sample_gev(jets, generator, batch_size=batch_size)
         mask = ~(np.hypot(constituents[..., 0], constituents[..., 1]) <= 0)
         written = write_jetnet_jets(

@@ -76,7 +76,9 @@ logger = logging.getLogger(__name__)
 #:   ConVAE kernel wider than the jet or a RealNVP on a 1-dimensional latent space.
 #: - ``out_of_memory``: an allocation failed on the CPU or the GPU.
 #: - ``error``: any other exception, or a KeyboardInterrupt. ``fail_message`` names it.
-FAIL_REASONS = ("nan_loss", "invalid_architecture", "out_of_memory", "error")
+#: - ``interrupted``: the controller was stopped with Ctrl-C or SIGTERM and handed the
+#:   trial back, so that a retry with the same parameters runs in the next run.
+FAIL_REASONS = ("nan_loss", "invalid_architecture", "out_of_memory", "error", "interrupted")
 
 _CONVAE_ARCHITECTURE = (
     "latent_dim",

@@ -428,7 +428,10 @@ def register_pipeline(
                 changed = True
     if stale:
         stage_table.reset_stages(storage.engine, plan.name, stale)
-        logger.info("Steps %s will run again, because stages they depend on are not done", ", ".join(stale))
+        if len(stale) == 1:
+            logger.info("Step %s will run again, because a stage it depends on is not done", stale[0])
+        else:
+            logger.info("Steps %s will run again, because stages they depend on are not done", ", ".join(stale))
 
 
 # trial counts

@@ -54,7 +54,7 @@ from hpo.pipeline import BudgetExhausted, StageRecord, budget_lock, count_trials
 from hpo.spaces import Profile, Resources
 from hpo.steps import StepRunner, claimable_steps
 from storage import pipeline as stage_table
-from storage import open_storage
+from storage import open_storage, set_trial_user_attrs
 from storage.urls import StorageError, describe_database_error, mask_password
 
 __all__ = [
@@ -1075,7 +1075,17 @@ def _release_work(storage: optuna.storages.RDBStorage, pipelines: Sequence[str],
             describe_database_error(error),
         )
         return
-    logger.info("Handed back %d steps and %d RUNNING trials of %d stopped workers", steps, trials, len(workers))
+    logger.info(
+        "Handed back %s and %s of %s: the next run starts them at once",
+        _count(steps, "step"),
+        _count(trials, "RUNNING trial"),
+        _count(len(workers), "stopped worker"),
+    )
+
+
+def _count(number: int, noun: str) -> str:
+    """Return ``number`` with ``noun`` in the singular or the plural, as in "1 step" or "2 steps"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _step_owner(identity: Mapping[str, Any]) -> str:
@@ -1114,7 +1124,12 @@ def _fail_trials_of(
             identity = tags.get(_trial_tag(trial.user_attrs))
             if identity is None:
                 continue
+            reason = {
+                "fail_reason": "interrupted",
+                "fail_message": "the run was interrupted (Ctrl-C or SIGTERM) and handed the trial back",
+            }
             try:
+                set_trial_user_attrs(storage, trial._trial_id, reason)
                 if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -1124,9 +1139,12 @@ def _fail_trials_of(
             retry = None
             if callback is not None:
                 study = optuna.load_study(study_name=study_name, storage=storage)
+                # the retry copies the user attributes, but not the reason of this failure
+                interrupted = storage.get_trial(trial._trial_id)
+                interrupted.user_attrs = {key: value for key, value in interrupted.user_attrs.items() if key not in reason}
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    callback(study, storage.get_trial(trial._trial_id))
+                    callback(study, interrupted)
                 waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
                 retry = next(
                     (item.number for item in waiting if (item.system_attrs.get("retry_history") or [None])[-1] == trial.number),

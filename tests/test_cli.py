@@ -494,6 +494,21 @@ def test_enqueue_creates_waiting_trial(empty_url):
     assert waiting[0].system_attrs["fixed_params"] == {"lr": 0.001, "n_flows": 20}
 
 
+def test_enqueue_into_finished_stage_rejected(sqlite_url):
+    from storage.pipeline import claim_stage, finish_stage, upsert_stage
+
+    engine = open_storage(sqlite_url).engine
+    upsert_stage(engine, "quick", "nf.search", study_name="nf.search", family="nf")
+    claim_stage(engine, "quick", "nf.search", "test")
+    finish_stage(engine, "quick", "nf.search", "done")
+
+    result = invoke("enqueue", "nf.search", "--params", '{"n_flows": 20}', "--storage", sqlite_url)
+
+    assert result.exit_code == 1
+    assert "finished stage of pipeline quick" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_enqueue_duplicate_reported(sqlite_url):
     arguments = ["enqueue", "nf.search", "--params", '{"n_flows": 20}', "--storage", sqlite_url]
     invoke(*arguments)

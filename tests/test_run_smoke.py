@@ -179,6 +179,12 @@ def test_forced_retrain_reruns_evaluation(smoke_run):
     assert stages["results:smoke"].state.value == "pending"
     assert stages["evaluate:convae-gen"].state.value == "done"
 
+    stale = jethpo("results", env=smoke_run["env"], timeout=120)
+
+    assert stale.returncode == 0, stale.stderr[-3000:]
+    assert "results step of pipeline smoke is pending" in stale.stderr
+    assert "| Model |" in stale.stdout
+
     again = jethpo(*smoke_run["command"], env=smoke_run["env"], timeout=900)
 
     assert again.returncode == 0, again.stderr[-3000:]

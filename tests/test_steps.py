@@ -201,7 +201,7 @@ def test_hand_back_releases_only_stopped_workers(settings, jets_path, tmp_path, 
     retries = [trial for trial in trials if trial.system_attrs.get("retry_history") == [numbers["stopped"]]]
     assert [trial.state for trial in retries] == [TrialState.WAITING]
     assert retries[0].params == trials[numbers["stopped"]].params
-    assert "Handed back 1 steps and 1 RUNNING trials of 1 stopped workers" in caplog.text
+    assert "Handed back 1 step and 1 RUNNING trial of 1 stopped worker" in caplog.text
 
 
 def test_outputs_are_replaced_not_duplicated(settings, jets_path, tmp_path):

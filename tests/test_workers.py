@@ -770,7 +770,9 @@ def test_interrupted_run_hands_back_its_work(ray_env, fresh_postgres_url, jets_p
     failed, retry = trials["slow-vae.search"]
     assert retry.params == failed.params
     assert retry.system_attrs["retry_history"] == [0]
-    assert "Handed back 1 steps and 1 RUNNING trials of 2 stopped workers" in first.output
+    assert failed.user_attrs["fail_reason"] == "interrupted"
+    assert "fail_reason" not in retry.user_attrs
+    assert "Handed back 1 step and 1 RUNNING trial of 2 stopped workers" in first.output
     assert run.state_path.exists()
 
     # the second run takes both over at once, far within the grace period
@@ -798,7 +800,7 @@ def test_sigterm_hands_back_work(ray_env, fresh_postgres_url, jets_path, tmp_pat
     assert run.exit_code == 130, run.command.output
     assert stages["retrain:quick-vae"].state == StageState.PENDING
     assert [trial.state for trial in trials["slow-vae.search"]] == [TrialState.FAIL, TrialState.WAITING]
-    assert "Handed back 1 steps and 1 RUNNING trials of 2 stopped workers" in run.command.output
+    assert "Handed back 1 step and 1 RUNNING trial of 2 stopped workers" in run.command.output
 
 
 def _can_restart_postgres(url: str) -> str | None:
