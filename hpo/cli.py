@@ -638,7 +638,7 @@ def _warn_sqlite_on_cluster(url: str, address: str | None) -> None:
 def _print_outcome(outcome: Any) -> None:
     """Print one row per stage: state, finished trials out of the budget and best EMD_sum.
 
-    Steps run once, so their Done column says ``step`` instead of a trial count.
+    Steps run once, so their Done column shows ``step`` instead of a trial count.
     """
     progress = outcome.progress
     if progress is None:

@@ -999,8 +999,8 @@ database costs one connection attempt.
 """
 
 HAND_BACK_LIMIT_S = _IDENTITY_TIMEOUT_S + _STOP_TIMEOUT_S + _HAND_BACK_TIMEOUT_S
-"""Longest time from Ctrl-C or SIGTERM to the end of the hand-back. A container manager must
-wait longer than this before it kills the controller."""
+"""Maximum seconds from Ctrl-C or SIGTERM to the end of the hand-back. A container manager
+must wait longer than this before it kills the controller."""
 
 
 def _hand_back_work(storage: optuna.storages.RDBStorage, pipelines: Sequence[str], pool: WorkerPool) -> None:
