@@ -313,7 +313,8 @@ def best_command(
         _print_json(summary)
         return
 
-    typer.echo(f"Study {summary['study']}: best trial {summary['number']}, EMD_sum {summary['value']}")
+    # the table rounds, and --json keeps the full value
+    typer.echo(f"Study {summary['study']}: best trial {summary['number']}, EMD_sum {_format_value(summary['value'])}")
     table = _table("Parameters")
     table.add_column("Name")
     table.add_column("Value", justify="right")

@@ -15,14 +15,15 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.pipeline import LATENTS, RETRAIN, SEARCH, StageCounts, StageRecord, count_trials
+from hpo.pipeline import EVALUATE, LATENTS, RESULTS, RETRAIN, SEARCH, StageCounts, StageRecord, count_trials
 from storage.pipeline import StageState
 
 __all__ = [
+    "EtaEstimate",
     "LiveView",
     "PipelineMonitor",
     "PipelineProgress",
@@ -81,6 +82,17 @@ class StageProgress:
         return self.state in (StageState.DONE, StageState.FAILED)
 
     @property
+    def is_past_estimate(self) -> bool:
+        """Whether the stage is a running step that has run longer than its estimated run time."""
+        return (
+            self.is_step
+            and self.state == StageState.RUNNING
+            and self.estimate_s is not None
+            and self.running_s is not None
+            and self.running_s > self.estimate_s
+        )
+
+    @property
     def remaining(self) -> int:
         """Trials of the budget that have not finished yet, at least the RUNNING and WAITING ones.
 
@@ -89,6 +101,21 @@ class StageProgress:
         if self.is_finished:
             return 0
         return max(self.n_trials - self.counts.finished, self.counts.running + self.counts.waiting)
+
+
+class EtaEstimate(NamedTuple):
+    """Estimated time until every stage of a reading is done (:meth:`PipelineProgress.eta_estimate`).
+
+    Attributes:
+        seconds: Estimated seconds of the stages that have an estimate.
+        not_estimated: Names of the unfinished stages that have no estimate, in order.
+        past_estimate: Names of the running steps that have run longer than their estimate,
+            in order. Each counts as 0 s left.
+    """
+
+    seconds: float
+    not_estimated: tuple[str, ...]
+    past_estimate: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -128,8 +155,10 @@ class PipelineProgress:
         keep busy. This ignores pruning, which ends trials early.
 
         A step takes its estimated run time (:attr:`StageProgress.estimate_s`), less the
-        time it has run if it is running. A running step whose claim time is unknown, or
-        that has run longer than its estimate, has no estimate.
+        time it has run if it is running. A running step whose claim time is unknown has no
+        estimate. One that has run longer than its estimate
+        (:attr:`StageProgress.is_past_estimate`) gets 0 s, because it is expected to end soon
+        and its overrun does not tell how much longer it takes.
         """
         if stage.is_finished:
             return 0.0
@@ -138,9 +167,9 @@ class PipelineProgress:
                 return None
             if stage.state != StageState.RUNNING:
                 return stage.estimate_s
-            if stage.running_s is None or stage.running_s > stage.estimate_s:
+            if stage.running_s is None:
                 return None
-            return stage.estimate_s - stage.running_s
+            return max(stage.estimate_s - stage.running_s, 0.0)
         if stage.remaining == 0:
             return 0.0
         mean = stage.mean_trial_s if stage.mean_trial_s is not None else self.mean_trial_s()
@@ -149,7 +178,7 @@ class PipelineProgress:
         slots = max(1, min(self.workers, stage.remaining))
         return math.ceil(stage.remaining / slots) * mean
 
-    def eta_estimate(self) -> tuple[float, tuple[str, ...]]:
+    def eta_estimate(self) -> EtaEstimate:
         """Estimate the seconds until every stage that has an estimate is done.
 
         Each unfinished stage takes :meth:`stage_eta_s`. The estimate is the larger of two
@@ -162,14 +191,12 @@ class PipelineProgress:
           mean time, plus the steps, each of which occupies one worker.
 
         With these durations the run cannot take less than either, so the estimate is low
-        when workers wait for the inputs of a stage. A stage without an estimate counts as 0 s.
-
-        Returns:
-            The estimated seconds, and the names of the unfinished stages that have no
-            estimate, in order.
+        when workers wait for the inputs of a stage. A stage without an estimate counts as 0 s,
+        and so does a step past its estimate. Both are listed in the result.
         """
         durations: dict[tuple[str, str], float] = {}
         missing: list[str] = []
+        past_estimate = [stage.name for stage in self.stages if stage.is_past_estimate]
         work = 0.0
         for stage in self.stages:
             if stage.is_finished:
@@ -204,17 +231,17 @@ class PipelineProgress:
             return ends[key]
 
         chain = max((end_time(key, frozenset()) for key in durations), default=0.0)
-        return max(chain, work / max(self.workers, 1)), tuple(missing)
+        return EtaEstimate(max(chain, work / max(self.workers, 1)), tuple(missing), tuple(past_estimate))
 
     def eta_s(self) -> float | None:
         """Estimate the seconds until every stage is done (:meth:`eta_estimate`).
 
         Returns:
             The estimate, or None when an unfinished stage has no estimate, such as every
-            stage before the first trial finished.
+            stage before the first trial finished. A step past its estimate counts as 0 s.
         """
-        seconds, missing = self.eta_estimate()
-        return None if missing else seconds
+        estimate = self.eta_estimate()
+        return None if estimate.not_estimated else estimate.seconds
 
 
 def _stage_progress(record: StageRecord, trials: Sequence[FrozenTrial], now: datetime.datetime) -> StageProgress:
@@ -283,11 +310,17 @@ def _family_seconds_per_epoch(
 ) -> float | None:
     """Estimate the seconds per training epoch of the model that a family's retraining trains.
 
-    The estimate is the time per epoch of the trial that the retraining takes: the best
-    COMPLETE trial of the family's search stages, as ``hpo.steps`` chooses it. Without one,
-    it is that of all the family's finished trials, else of the finished trials of every family.
+    Once every search stage of the family is finished, the estimate is the time per epoch of
+    the trial that the retraining takes: the best COMPLETE trial, as ``hpo.steps`` chooses
+    it. While a search stage still runs, the best trial so far can still be replaced by one
+    of a much larger or smaller model, so the estimate is that of all the family's finished
+    trials. That is also the fallback without a COMPLETE trial, and without any finished
+    trial of the family it is that of the finished trials of every family.
     """
     own = [record for record in searches if record.family == family]
+    if not own or not all(record.is_terminal for record in own):
+        per_epoch = _seconds_per_epoch(own, trials)
+        return per_epoch if per_epoch is not None else _seconds_per_epoch(searches, trials)
     candidates = [
         (trial.value, record.study_name, trial.number, trial, record)
         for record in own
@@ -338,8 +371,10 @@ def read_progress(
     evaluation interval between search and retraining.
 
     - ``retrain:<family>``: the retraining budget's epochs times the seconds per epoch of
-      the trial that it retrains, else of the family's COMPLETE and PRUNED trials, else of
-      those of every family, whose models can be much faster or slower.
+      the trial that it retrains once the family's search is finished. Before that, or
+      without a COMPLETE trial, it uses the family's COMPLETE and PRUNED trials, else those
+      of every family, whose models can be much faster or slower. Trials that are still
+      RUNNING are not counted.
     - ``latents:<family>``: one epoch of the same. Encoding the training and validation
       jets is one forward pass, less work than a training epoch with its backward pass.
     - ``evaluate:<family>`` and ``results:<pipeline>``: no estimate. Their cost is mostly
@@ -387,18 +422,41 @@ def _format_value(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+_KIND_NOUNS = {SEARCH: "search", RETRAIN: "retraining", LATENTS: "latents", EVALUATE: "evaluation", RESULTS: "results"}
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _format_eta(progress: PipelineProgress) -> str:
-    """Format the pipeline's ETA as ``12m 30s (estimate)``, ``9m 10s (estimate) + 2 steps
-    not estimated`` when some stages have no estimate, or ``unknown`` when none has one."""
-    seconds, missing = progress.eta_estimate()
-    if not missing:
-        return f"{format_duration(seconds)} (estimate)"
-    if not seconds:
-        return "unknown"
-    steps = {stage.name for stage in progress.stages if stage.is_step}
-    noun = "step" if all(name in steps for name in missing) else "stage"
-    plural = "s" if len(missing) > 1 else ""
-    return f"{format_duration(seconds)} (estimate) + {len(missing)} {noun}{plural} not estimated"
+    """Format the pipeline's ETA for the table title and the log.
+
+    Examples are ``12m 30s (estimate)`` and ``9m 10s (estimate) + 1 step past its estimate +
+    2 steps not estimated (evaluation, results)``. When no unfinished stage has an estimate,
+    it reads ``unknown + 3 stages not estimated (search, retraining, evaluation)``.
+    """
+    estimate = progress.eta_estimate()
+    unfinished = [stage for stage in progress.stages if not stage.is_finished]
+    if estimate.not_estimated and len(estimate.not_estimated) == len(unfinished):
+        text = "unknown"
+    else:
+        text = f"{format_duration(estimate.seconds)} (estimate)"
+    if estimate.past_estimate:
+        count = len(estimate.past_estimate)
+        text += f" + {_plural(count, 'step')} past {'its' if count == 1 else 'their'} estimate"
+    if estimate.not_estimated:
+        by_name = {stage.name: stage for stage in progress.stages}
+        missing = [by_name[name] for name in estimate.not_estimated]
+        noun = "step" if all(stage.is_step for stage in missing) else "stage"
+        kinds = dict.fromkeys(_KIND_NOUNS.get(_stage_kind(stage), _stage_kind(stage)) for stage in missing)
+        text += f" + {_plural(len(missing), noun)} not estimated ({', '.join(kinds)})"
+    return text
+
+
+def _stage_kind(stage: StageProgress) -> str:
+    """Return a stage's kind from its name: ``retrain:nf`` is a retraining, ``nf.search`` a search stage."""
+    return stage.name.split(":", 1)[0] if stage.is_step else SEARCH
 
 
 def _describe_step(stage: StageProgress, progress: PipelineProgress) -> str:
@@ -409,7 +467,9 @@ def _describe_step(stage: StageProgress, progress: PipelineProgress) -> str:
             text += f" on {stage.claimed_by}"
         if stage.running_s is not None:
             text += f" for {format_duration(stage.running_s)}"
-    if not stage.is_finished:
+    if stage.is_past_estimate:
+        text += f", past its estimated run time of {format_duration(stage.estimate_s)}"
+    elif not stage.is_finished:
         left = progress.stage_eta_s(stage)
         text += f", {format_duration(left)} left (estimate)" if left is not None else ", time left unknown"
     return text
@@ -585,14 +645,15 @@ def render_table(progress: PipelineProgress) -> Any:
     (``hpo.pipeline.StageCounts.finished``), and "Running" and "Failed" count trials. A
     step reads "step" under "Done", and while it runs, "Running" shows how long ago it was
     claimed ("claimed" when the claim time is unknown). "ETA" is the time left of a running
-    stage (:meth:`PipelineProgress.stage_eta_s`), "unknown" when it has no estimate. The
-    title has the workers, the WAITING trials if any, and the ETA of the whole run.
+    stage (:meth:`PipelineProgress.stage_eta_s`), "unknown" when it has no estimate and
+    "overdue" for a step past its estimate. The title has the workers, the WAITING trials
+    if any, and the ETA of the whole run, as the log writes it.
     """
     from rich import box
     from rich.table import Table
 
     waiting = sum(stage.counts.waiting for stage in progress.stages)
-    title = f"{progress.workers} workers"
+    title = _plural(progress.workers, "worker")
     if waiting:
         title += f", {waiting} WAITING trial{'s' if waiting > 1 else ''}"
     title += f", ETA {_format_eta(progress)}"
@@ -611,7 +672,9 @@ def render_table(progress: PipelineProgress) -> Any:
         if stage.best_trial is not None:
             best = f"{stage.best_value:.3g} (#{stage.best_trial})"
         eta = "-"
-        if stage.state == StageState.RUNNING:
+        if stage.is_past_estimate:
+            eta = "overdue"
+        elif stage.state == StageState.RUNNING:
             left = progress.stage_eta_s(stage)
             eta = format_duration(left) if left is not None else "unknown"
         if stage.is_step:
@@ -663,6 +726,9 @@ class LiveView:
             handler.setStream(stream)
         self._redirected.clear()
         if self._live is not None:
+            # After a normal end the caller prints the final table, so this one is cleared.
+            # After Ctrl-C or an error, the last reading stays on the terminal.
+            self._live.transient = exc_info[0] is None
             self._live.stop()
             self._live = None
 

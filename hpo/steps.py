@@ -469,7 +469,7 @@ class StepRunner:
         row["study"] = record.study_name
         if record.family not in _SHIPPED_EVALUATED:
             # a user's search space gets its own label next to the shipped one of its model
-            row["label"] = f"{row['label']} ({record.family})"
+            row["label"] = f"{row['label']}, space {record.family}"
 
         # generated jets, for the combined plots of the results step
         work = self._work_dir(record)

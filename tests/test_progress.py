@@ -157,6 +157,12 @@ def rendered(progress: PipelineProgress) -> list[str]:
     return [line.rstrip() for line in console.export_text().splitlines()]
 
 
+def title_of(lines: list[str]) -> str:
+    """Return the table title, whose lines wrap at 80 columns, as one line."""
+    header = next(index for index, line in enumerate(lines) if line.split()[:1] == ["Stage"])
+    return " ".join(lines[:header])
+
+
 def row_of(lines: list[str], name: str) -> list[str]:
     for line in lines:
         cells = line.split()
@@ -212,6 +218,39 @@ def test_retrain_estimate_from_other_family():
     progress = read_progress([other, search, retrain], trials, workers=1, now=NOW)
 
     assert progress.stages[2].estimate_s == pytest.approx(30 * 10.0)
+
+
+def test_retrain_estimate_other_family_while_running():
+    # the family's search runs, but none of its trials has finished yet
+    other = search_record("other.only", "other", StageState.DONE)
+    search = search_record("toy-nf.only", "toy-nf", StageState.RUNNING)
+    retrain = step_record(RETRAIN, "toy-nf", StageState.PENDING, ("toy-nf.only",))
+    trials = {
+        "other.only": [trial(0, TrialState.COMPLETE, 40.0, value=1.0)],
+        "toy-nf.only": [trial(0, TrialState.RUNNING, 0.0), trial(1, TrialState.FAIL, 5.0)],
+    }
+
+    progress = read_progress([other, search, retrain], trials, workers=1, now=NOW)
+
+    assert progress.stages[2].estimate_s == pytest.approx(30 * 10.0)
+
+
+def test_retrain_estimate_while_search_runs():
+    # the best trial so far is a small model at 2 s per epoch, but the search can still pick
+    # the 20 s per epoch one, so the estimate pools both: 88 s for 8 epochs
+    search = search_record("toy-nf.only", "toy-nf", StageState.RUNNING, n_trials=6)
+    retrain = step_record(RETRAIN, "toy-nf", StageState.PENDING, ("toy-nf.only",))
+    trials = {
+        "toy-nf.only": [
+            trial(0, TrialState.COMPLETE, 8.0, value=1.0),
+            trial(1, TrialState.COMPLETE, 80.0, value=2.0),
+            trial(2, TrialState.RUNNING, 0.0),
+        ]
+    }
+
+    progress = read_progress([search, retrain], trials, workers=1, now=NOW)
+
+    assert progress.stages[1].estimate_s == pytest.approx(30 * 11.0)
 
 
 def test_latents_estimate_is_one_epoch():
@@ -277,14 +316,25 @@ def test_eta_counts_running_retraining():
     assert progress.eta_s() == pytest.approx(480.0)
 
 
-def test_step_over_estimate_is_unknown():
+def test_step_past_estimate_keeps_eta():
+    # the retraining of toy-nf ran 100 s past its estimate, and another one has 300 s left
     progress = PipelineProgress(
-        stages=(step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=600.0, running_s=700.0),),
-        workers=1,
+        stages=(
+            step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=600.0, running_s=700.0),
+            step_progress("retrain:other", StageState.RUNNING, estimate_s=400.0, running_s=100.0),
+        ),
+        workers=2,
     )
 
-    assert progress.stage_eta_s(progress.stages[0]) is None
-    assert progress.eta_s() is None
+    estimate = progress.eta_estimate()
+
+    assert progress.stages[0].is_past_estimate
+    assert not progress.stages[1].is_past_estimate
+    assert progress.stage_eta_s(progress.stages[0]) == 0.0
+    assert estimate.seconds == pytest.approx(300.0)
+    assert estimate.past_estimate == ("retrain:toy-nf",)
+    assert estimate.not_estimated == ()
+    assert progress.eta_s() == pytest.approx(300.0)
 
 
 def test_eta_follows_dependency_chain():
@@ -318,10 +368,11 @@ def test_eta_lists_unestimated_steps():
         workers=1,
     )
 
-    seconds, missing = progress.eta_estimate()
+    estimate = progress.eta_estimate()
 
-    assert seconds == pytest.approx(600.0)
-    assert missing == ("evaluate:toy-nf",)
+    assert estimate.seconds == pytest.approx(600.0)
+    assert estimate.not_estimated == ("evaluate:toy-nf",)
+    assert estimate.past_estimate == ()
     assert progress.eta_s() is None
 
 
@@ -360,7 +411,7 @@ def test_table_title_names_unestimated_steps():
 
     lines = rendered(progress)
 
-    assert lines[0] == "1 workers, ETA 5m 50s (estimate) + 1 step not estimated"
+    assert lines[0] == "1 worker, ETA 5m 50s (estimate) + 1 step not estimated (evaluation)"
 
 
 def test_table_title_unknown_eta():
@@ -371,9 +422,46 @@ def test_table_title_unknown_eta():
 
     lines = rendered(progress)
 
-    assert lines[0] == "1 workers, ETA unknown"
+    assert lines[0] == "1 worker, ETA unknown + 1 step not estimated (retraining)"
     assert row_of(lines, "retrain:toy-nf")[3] == "claimed"
     assert row_of(lines, "retrain:toy-nf")[-1] == "unknown"
+
+
+def test_table_title_step_past_estimate():
+    # a search with 2 trials of 60 s left on 2 workers, and a retraining past its estimate
+    progress = PipelineProgress(
+        stages=(
+            StageProgress("other.only", "toy", StageState.RUNNING, 4, StageCounts(complete=2), 1.0, 0, 60.0),
+            step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=114.0, running_s=125.0),
+            step_progress("evaluate:toy-nf", StageState.PENDING, estimate_s=None),
+            step_progress("results:toy", StageState.PENDING, estimate_s=None),
+        ),
+        workers=2,
+    )
+
+    lines = rendered(progress)
+
+    assert title_of(lines) == (
+        "2 workers, ETA 1m 00s (estimate) + 1 step past its estimate + 2 steps not estimated"
+        " (evaluation, results)"
+    )
+    assert row_of(lines, "retrain:toy-nf")[-1] == "overdue"
+
+
+def test_table_title_only_step_past_estimate():
+    progress = PipelineProgress(
+        stages=(
+            step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=114.0, running_s=125.0),
+            step_progress("evaluate:toy-nf", StageState.PENDING, estimate_s=None),
+        ),
+        workers=1,
+    )
+
+    lines = rendered(progress)
+
+    assert title_of(lines) == (
+        "1 worker, ETA 0s (estimate) + 1 step past its estimate + 1 step not estimated (evaluation)"
+    )
 
 
 def test_table_with_steps_fits_80_columns():
@@ -411,6 +499,47 @@ def test_summary_logs_step_state(caplog):
     messages = [record.getMessage() for record in caplog.records]
     assert "Step retrain:toy-nf of pipeline toy is running on node-b:4242 for 4m 10s, 5m 50s left (estimate)" in messages
     assert not any("retrain:toy-nf" in message and "trials" in message for message in messages)
+
+
+def test_summary_logs_step_past_estimate(caplog):
+    progress = PipelineProgress(
+        stages=(
+            StageProgress("toy-nf.only", "toy", StageState.DONE, 2, StageCounts(complete=2), 1.0, 0, 40.0),
+            step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=114.0, running_s=125.0),
+        ),
+        workers=1,
+    )
+
+    with caplog.at_level(logging.INFO, logger="hpo.progress"):
+        PipelineMonitor(log_trials=False).summarize(progress)
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert (
+        "Step retrain:toy-nf of pipeline toy is running on node-b:4242 for 2m 05s, past its estimated run time of 1m 54s"
+        in messages
+    )
+
+
+def test_log_and_title_show_same_eta(caplog):
+    # the log line of a finished stage and the title of the same reading
+    search = StageProgress("toy-nf.only", "toy", StageState.RUNNING, 2, StageCounts(complete=1), 1.0, 0, 40.0)
+    done = dataclasses.replace(search, state=StageState.DONE, counts=StageCounts(complete=2))
+    retrain = dataclasses.replace(
+        step_progress("retrain:toy-nf", StageState.PENDING, estimate_s=600.0), depends_on=("toy-nf.only",)
+    )
+    evaluate = step_progress("evaluate:toy-nf", StageState.PENDING, estimate_s=None)
+    monitor = PipelineMonitor(log_trials=False)
+    monitor.update(PipelineProgress(stages=(search, retrain, evaluate), workers=1), {})
+    progress = PipelineProgress(stages=(done, retrain, evaluate), workers=1)
+
+    with caplog.at_level(logging.INFO, logger="hpo.progress"):
+        monitor.update(progress, {})
+
+    eta = "10m 00s (estimate) + 1 step not estimated (evaluation)"
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1
+    assert messages[0].endswith(f". Pipeline ETA {eta}")
+    assert title_of(rendered(progress)) == f"1 worker, ETA {eta}"
 
 
 def test_step_start_logs_estimate(caplog):
@@ -457,6 +586,6 @@ def test_registered_retraining_estimated(storage):
     stages = {stage.name: stage for stage in progress.stages}
     assert stages["retrain:toy-nf"].estimate_s == pytest.approx(30 * 30.0)
     assert stages[f"{EVALUATE}:toy-nf"].estimate_s is None
-    seconds, missing = progress.eta_estimate()
-    assert seconds == pytest.approx(30 * 30.0)
-    assert missing == ("evaluate:toy-nf", "results:toy")
+    estimate = progress.eta_estimate()
+    assert estimate.seconds == pytest.approx(30 * 30.0)
+    assert estimate.not_estimated == ("evaluate:toy-nf", "results:toy")
