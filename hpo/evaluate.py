@@ -656,6 +656,18 @@ _OUTSIDE_RANGE_NOTES = (
 )
 
 
+#: y range of the ratio panels. A ratio outside it is drawn as a triangle at the panel's
+#: edge, with its value when the panel has few such ratios, far enough apart. Ratios are
+#: never negative, so with a lower limit of 0 only the top-edge triangles occur.
+_RATIO_RANGE = (0.0, 2.0)
+_MAX_RATIO_VALUE_LABELS = 4
+_MIN_RATIO_LABEL_BIN_GAP = 3
+#: gid of the edge markers, for the legend and for tests that look for them.
+_RATIO_ABOVE_GID = "ratio above range"
+_RATIO_BELOW_GID = "ratio below range"
+_RATIO_BAND_LABEL = "Ratio band: real jets' stat. error, $1 \\pm N_\\mathrm{real}^{-1/2}$ per bin"
+
+
 #: Font sizes in points, smaller than the CMS style's so that six panels fit one figure.
 _FONT_SIZES = {
     "font.size": 16,
@@ -858,23 +870,104 @@ def _draw_comparison(
     main_axis.tick_params(labelbottom=False)
     _draw_outside_range(main_axis, outside)
 
-    # ratio panel: markers for each model, a band for the real jets' statistical error
+    # ratio panel: markers for each model, a band for the real jets' statistical error. Bins
+    # without real jets have an undefined ratio and get neither band nor marker.
     with np.errstate(divide="ignore", invalid="ignore"):
         real_error = np.where(real_counts > 0, 1 / np.sqrt(real_counts), np.nan)
-    ratio_axis.stairs(1 + real_error, edges, baseline=1 - real_error, fill=True, color="0.85")
+    ratio_axis.stairs(
+        1 + real_error, edges, baseline=1 - real_error, fill=True, color="0.85", label=_RATIO_BAND_LABEL
+    )
     ratio_axis.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
+    ratios = []
     for counts, total, colour in drawn:
         ratio, error = _density_ratio(counts, real_counts, total, len(real))
         ratio_axis.errorbar(
             centres, ratio, yerr=error, fmt="o", markersize=4, color=colour, linewidth=1.2
         )
-    ratio_axis.set_ylim(0.0, 2.0)
+        ratios.append((ratio, colour))
+    ratio_axis.set_ylim(*_RATIO_RANGE)
+    _mark_ratios_outside_range(ratio_axis, centres, ratios)
     ratio_axis.set_ylabel("Gen. / real")
     ratio_axis.set_xlabel(xlabel)
     if log_x:
         main_axis.set_xscale("log")
         ratio_axis.set_xscale("log")
     ratio_axis.set_xlim(edges[0], edges[-1])
+
+
+def _format_ratio(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
+
+def _mark_ratios_outside_range(
+    ratio_axis, centres: np.ndarray, ratios: Sequence[tuple[np.ndarray, Any]]
+) -> None:
+    """Draw each ratio outside :data:`_RATIO_RANGE` as a triangle at the panel's top or
+    bottom edge, in its sample's colour, so that no ratio is hidden by the y range.
+
+    The triangles get their values written below (top edge) or above (bottom edge) them
+    only when the panel has at most :data:`_MAX_RATIO_VALUE_LABELS` of them, at least
+    :data:`_MIN_RATIO_LABEL_BIN_GAP` bins apart, so that the labels of neighbouring bins
+    do not overlap. Labels of several samples in one bin are stacked. NaN ratios (bins
+    without real jets) are not marked.
+
+    Args:
+        centres: x position of each bin.
+        ratios: ``(ratio per bin, colour)`` per sample.
+    """
+    low, high = _RATIO_RANGE
+    outside_any = np.zeros(len(centres), dtype=bool)
+    n_outside = 0
+    for ratio, _ in ratios:
+        outside = (ratio > high) | (ratio < low)
+        outside_any |= outside
+        n_outside += int(outside.sum())
+    marked_bins = np.flatnonzero(outside_any)
+    write_values = n_outside <= _MAX_RATIO_VALUE_LABELS and bool(
+        np.all(np.diff(marked_bins) >= _MIN_RATIO_LABEL_BIN_GAP)
+    )
+
+    edge_transform = ratio_axis.get_xaxis_transform()
+    labels_per_bin: dict[tuple[int, bool], int] = {}
+    # (above the range, marker, height in axes coordinates, gid)
+    edges = ((True, "^", 0.92, _RATIO_ABOVE_GID), (False, "v", 0.08, _RATIO_BELOW_GID))
+    for ratio, colour in ratios:
+        for above, marker, edge, gid in edges:
+            outside = ratio > high if above else ratio < low
+            if not outside.any():
+                continue
+            x = centres[outside]
+            ratio_axis.plot(
+                x,
+                np.full(len(x), edge),
+                linestyle="none",
+                marker=marker,
+                markersize=7,
+                color=colour,
+                transform=edge_transform,
+                clip_on=False,
+                gid=gid,
+            )
+            if not write_values:
+                continue
+            for index in np.flatnonzero(outside):
+                stacked = labels_per_bin.get((index, above), 0)
+                labels_per_bin[(index, above)] = stacked + 1
+                # 10 points per line, from the marker towards the panel's middle
+                offset = 10 * (stacked + 1)
+                ratio_axis.annotate(
+                    _format_ratio(ratio[index]),
+                    (centres[index], edge),
+                    xycoords=edge_transform,
+                    xytext=(0, -offset if above else offset),
+                    textcoords="offset points",
+                    ha="center",
+                    va="center",
+                    fontsize=10,
+                    color=colour,
+                    # a pale background keeps the value readable over error bars
+                    bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+                )
 
 
 def _format_jet_share(count: int, total: int) -> str:
@@ -931,8 +1024,24 @@ def _comparison_grid(figure, n_panels: int):
     return pairs, legend_axis
 
 
-def _draw_legend(legend_axis, source_axis, title: str | None, notes: Sequence[str]) -> None:
-    handles, labels = source_axis.get_legend_handles_labels()
+def _draw_legend(legend_axis, pairs, title: str | None, notes: Sequence[str]) -> None:
+    """Draw the legend of the first (main, ratio) pair's artists, with an entry for the
+    ratio edge markers when any ratio panel has them, and the notes below it."""
+    from matplotlib.lines import Line2D
+
+    main_axis, ratio_axis = pairs[0]
+    handles, labels = main_axis.get_legend_handles_labels()
+    ratio_handles, ratio_labels = ratio_axis.get_legend_handles_labels()
+    handles += ratio_handles
+    labels += ratio_labels
+    gids = {line.get_gid() for _, axis in pairs for line in axis.lines}
+    low, high = _RATIO_RANGE
+    if _RATIO_ABOVE_GID in gids:
+        handles.append(Line2D([], [], linestyle="none", marker="^", markersize=7, color="0.3"))
+        labels.append(f"Ratio above {high:g}, drawn at the panel's top edge")
+    if _RATIO_BELOW_GID in gids:
+        handles.append(Line2D([], [], linestyle="none", marker="v", markersize=7, color="0.3"))
+        labels.append(f"Ratio below {low:g}, drawn at the panel's bottom edge")
     legend = legend_axis.legend(handles, labels, loc="upper left", frameon=False, title=title)
     if title:
         legend.get_title().set_ha("left")
@@ -995,7 +1104,7 @@ def plot_jet_distributions(
         counts = [f"{real_label}: {len(real_quantities['mass'])} jets"]
         for name, values in generated_quantities.items():
             counts.append(f"{_display_label(name)}: {len(values['mass'])} jets")
-        _draw_legend(legend_axis, pairs[0][0], title, counts + list(_OUTSIDE_RANGE_NOTES))
+        _draw_legend(legend_axis, pairs, title, counts + list(_OUTSIDE_RANGE_NOTES))
         return _save(figure, path)
 
 
@@ -1108,7 +1217,7 @@ def plot_efps(
             "measure hadr, $\\beta$ = 1 (jetnet 0.2.5)",
             *_OUTSIDE_RANGE_NOTES,
         ]
-        _draw_legend(legend_axis, pairs[0][0], title, notes)
+        _draw_legend(legend_axis, pairs, title, notes)
         return _save(figure, path)
 
 

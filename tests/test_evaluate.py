@@ -26,7 +26,11 @@ from hpo.evaluate import (
     ROW_KEYS,
     TRUTH_LABEL,
     _best_point,
+    _RATIO_ABOVE_GID,
+    _RATIO_BAND_LABEL,
+    _RATIO_BELOW_GID,
     _density_ratio,
+    _draw_comparison,
     _format_jet_share,
     _histogram,
     evaluate_sampler,
@@ -540,6 +544,100 @@ def test_efp_plot_lists_outside_range(tmp_path, halves, monkeypatch):
 
     assert texts.count("Underflow:") == 5
     assert texts.count(_format_jet_share(len(mask), len(mask))) == 5
+
+
+def draw_ratio_panel(real: np.ndarray, generated: np.ndarray, edges: np.ndarray):
+    """Draw one comparison of real and generated values, and return its ratio axis."""
+    from matplotlib.figure import Figure
+
+    figure = Figure()
+    main_axis, ratio_axis = figure.subplots(2, 1)
+    _draw_comparison(
+        main_axis,
+        ratio_axis,
+        real,
+        {"nf": generated},
+        edges,
+        xlabel="x",
+        unit=None,
+        real_label="Real jets",
+    )
+    return ratio_axis
+
+
+def edge_markers(ratio_axis, gid: str) -> np.ndarray:
+    """Return the x positions of the ratio axis's edge markers with this gid."""
+    positions = [line.get_xdata() for line in ratio_axis.lines if line.get_gid() == gid]
+    return np.concatenate(positions) if positions else np.array([])
+
+
+def test_ratio_above_range_marked_at_edge():
+    # Bin [0, 1) has 10 % of the real and 50 % of the generated values, a ratio of 5.
+    # Bin [1, 2) has 90 % and 40 %, a ratio of 0.44. Bin [2, 3) has no real values.
+    real = np.concatenate([np.full(10, 0.5), np.full(90, 1.5)])
+    generated = np.concatenate([np.full(50, 0.5), np.full(40, 1.5), np.full(10, 2.5)])
+
+    ratio_axis = draw_ratio_panel(real, generated, np.array([0.0, 1.0, 2.0, 3.0]))
+
+    np.testing.assert_array_equal(edge_markers(ratio_axis, _RATIO_ABOVE_GID), [0.5])
+    assert len(edge_markers(ratio_axis, _RATIO_BELOW_GID)) == 0
+    marker = next(line for line in ratio_axis.lines if line.get_gid() == _RATIO_ABOVE_GID)
+    assert marker.get_marker() == "^"
+    assert marker.get_color() == "#5790fc"
+    assert [text.get_text() for text in ratio_axis.texts] == ["5"]
+    assert ratio_axis.get_ylim() == (0.0, 2.0)
+
+
+def test_ratio_zero_and_undefined_unmarked():
+    # Bin [0, 1) has no generated values, so its ratio of 0 lies on the bottom edge, inside
+    # the range. Bin [2, 3) has no real values, so its ratio is undefined.
+    real = np.concatenate([np.full(50, 0.5), np.full(50, 1.5)])
+    generated = np.concatenate([np.full(50, 1.5), np.full(50, 2.5)])
+
+    ratio_axis = draw_ratio_panel(real, generated, np.array([0.0, 1.0, 2.0, 3.0]))
+
+    assert len(edge_markers(ratio_axis, _RATIO_ABOVE_GID)) == 0
+    assert len(edge_markers(ratio_axis, _RATIO_BELOW_GID)) == 0
+    assert len(ratio_axis.texts) == 0
+
+
+def test_ratio_values_unwritten_when_many():
+    # 6 bins with 1 of 100 real and 10 of 60 generated values each give six ratios of
+    # about 17, too many to write each value
+    real = np.concatenate([np.arange(6) + 0.5, np.full(94, 6.5)])
+    generated = np.repeat(np.arange(6) + 0.5, 10)
+    edges = np.arange(8, dtype=np.float64)
+
+    ratio_axis = draw_ratio_panel(real, generated, edges)
+
+    np.testing.assert_array_equal(edge_markers(ratio_axis, _RATIO_ABOVE_GID), np.arange(6) + 0.5)
+    assert len(ratio_axis.texts) == 0
+
+
+def test_ratio_values_unwritten_in_neighbouring_bins():
+    # bins [0, 1) and [1, 2) both have a ratio of 5, and their labels would overlap
+    real = np.concatenate([np.full(5, 0.5), np.full(5, 1.5), np.full(90, 2.5)])
+    generated = np.concatenate([np.full(25, 0.5), np.full(25, 1.5), np.full(50, 2.5)])
+
+    ratio_axis = draw_ratio_panel(real, generated, np.array([0.0, 1.0, 2.0, 3.0]))
+
+    np.testing.assert_array_equal(edge_markers(ratio_axis, _RATIO_ABOVE_GID), [0.5, 1.5])
+    assert len(ratio_axis.texts) == 0
+
+
+def test_jet_plot_legend_explains_ratio_panel(tmp_path, halves, monkeypatch):
+    # the first 20 generated jets are copies of real jet 0, so jet 0's bin in each panel
+    # gets about 20 more generated than real jets, a ratio above 2 in some panel
+    texts = figure_texts(monkeypatch)
+    generated = halves[1][0].astype(np.float64)
+    generated[:20] = generated[0]
+    mask = halves[1][1].copy()
+    mask[:20] = mask[0]
+
+    plot_jet_distributions(halves[1], {"nf": (generated, mask)}, tmp_path / "jets.png")
+
+    assert _RATIO_BAND_LABEL in texts
+    assert "Ratio above 2, drawn at the panel's top edge" in texts
 
 
 def test_jet_distribution_plot_written(tmp_path, halves, convae_evaluation):
