@@ -60,6 +60,10 @@ class StageProgress:
             running or its claim time is unknown.
         estimate_s: Estimated run time in seconds of a whole step, or None when it cannot be
             estimated (see :func:`read_progress`).
+        epoch: Last epoch whose training state a running retraining saved, or None.
+        epochs: Epochs of that retraining, or None.
+        resumed_after: Epoch after which that retraining resumed from a saved state, or
+            None when it started from scratch.
     """
 
     name: str
@@ -75,6 +79,9 @@ class StageProgress:
     claimed_by: str | None = None
     running_s: float | None = None
     estimate_s: float | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+    resumed_after: int | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -361,6 +368,7 @@ def read_progress(
     workers: int,
     *,
     now: datetime.datetime | None = None,
+    step_outputs: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
 ) -> PipelineProgress:
     """Build the progress of the given stages from their studies' trials.
 
@@ -381,12 +389,20 @@ def read_progress(
       the jetnet metrics, which depends on the test split's size and the machine, not on
       the trials.
 
+    A running retraining that reported its epoch (``step_outputs``) is estimated from its
+    own pace instead: its run time over the epochs it trained since it started or resumed,
+    times the epochs left. Before its first report the search's seconds per epoch are used
+    for the epochs left.
+
     Args:
         records: Stages from ``hpo.pipeline.load_stage_records``.
         trials: Trials of each stage's study, by study name. A missing study counts as empty.
         workers: Number of workers.
         now: Time of the reading (timezone-aware), by default the current time. A running
             step's run time is measured up to it.
+        step_outputs: Outputs of running steps by ``(pipeline, step)``, as
+            ``storage.pipeline.get_outputs`` returns them. A retraining's ``progress`` entry
+            (``epoch``, ``epochs``, ``resumed_after``) is read from them.
     """
     now = now or datetime.datetime.now(datetime.timezone.utc)
     searches: dict[str, list[StageRecord]] = {}
@@ -400,8 +416,32 @@ def read_progress(
         if record.is_step:
             estimate = _step_estimate_s(record, searches.get(record.pipeline, []), trials)
             stage = replace(stage, estimate_s=estimate)
+            reported = ((step_outputs or {}).get((record.pipeline, record.name)) or {}).get("progress")
+            if record.state == StageState.RUNNING and isinstance(reported, Mapping):
+                stage = _with_reported_epochs(stage, reported)
         stages.append(stage)
     return PipelineProgress(stages=tuple(stages), workers=workers)
+
+
+def _with_reported_epochs(stage: StageProgress, reported: Mapping[str, Any]) -> StageProgress:
+    """Return ``stage`` with the epochs a running retraining reported and an estimate from its pace."""
+    try:
+        epoch = int(reported["epoch"])
+        epochs = int(reported["epochs"])
+        resumed_after = int(reported.get("resumed_after") or 0)
+    except (KeyError, TypeError, ValueError):
+        return stage
+    stage = replace(stage, epoch=epoch, epochs=epochs, resumed_after=resumed_after or None)
+    if stage.running_s is None or epochs <= 0:
+        return stage
+    left = max(epochs - epoch, 0)
+    if epoch > resumed_after:
+        per_epoch = stage.running_s / (epoch - resumed_after)
+    elif stage.estimate_s is not None:
+        per_epoch = stage.estimate_s / epochs
+    else:
+        return stage
+    return replace(stage, estimate_s=stage.running_s + per_epoch * left)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -492,6 +532,7 @@ class PipelineMonitor:
         self._stage_states: dict[tuple[str, str], StageState] = {}
         self._trial_states: dict[str, dict[int, TrialState]] = {}
         self._baseline_done = False
+        self._resumes_logged: set[tuple[str, str, int]] = set()
 
     def update(
         self,
@@ -521,6 +562,16 @@ class PipelineMonitor:
             changed = previous != stage.state if not first else stage.name in reasons
             if changed:
                 self._log_stage(stage, reasons.get(stage.name, ""), progress)
+            # a retraining reports its resume shortly after its claim, so after the start line
+            if stage.resumed_after is not None and (key + (stage.resumed_after,)) not in self._resumes_logged:
+                self._resumes_logged.add(key + (stage.resumed_after,))
+                logger.info(
+                    "Step %s of pipeline %s resumed from its saved training state after epoch %d of %d",
+                    stage.name,
+                    stage.pipeline,
+                    stage.resumed_after,
+                    stage.epochs,
+                )
 
     def summarize(self, progress: PipelineProgress) -> None:
         """Log the state of every stage at INFO when any stage has trials, as on a resumed pipeline."""
@@ -679,6 +730,8 @@ def render_table(progress: PipelineProgress) -> Any:
             eta = format_duration(left) if left is not None else "unknown"
         if stage.is_step:
             done, running, failed = "step", "-", "-"
+            if stage.epoch is not None and stage.epochs:
+                done = f"epoch {stage.epoch}/{stage.epochs}"
             if stage.state == StageState.RUNNING:
                 running = format_duration(stage.running_s) if stage.running_s is not None else "claimed"
         else:

@@ -313,13 +313,22 @@ class StepRunner:
                     resume.get("epoch"),
                 )
 
+        budget = record.retrain
+        resumed_after = int(resume.get("epoch") or 0) if resume is not None else 0
+
+        def report_epoch(epoch: int) -> None:
+            # the controller's progress view reads it (hpo.progress.read_progress)
+            progress = {"epoch": epoch, "epochs": budget.epochs, "resumed_after": resumed_after}
+            stage_table.set_output(self.storage.engine, record.pipeline, record.name, {"progress": progress})
+
         def save_state(state: dict) -> None:
             _atomic_torch_save(
                 {"trial": best.number, "study": best_study, "data_fingerprint": data.fingerprint, "training": state},
                 state_path,
             )
+            report_epoch(int(state.get("epoch") or 0))
 
-        budget = record.retrain
+        report_epoch(resumed_after)
         logger.info(
             "Retraining trial %d of study %s (validation EMD_sum %.6g) for %d epochs, evaluated every %d",
             best.number,

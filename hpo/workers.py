@@ -850,6 +850,16 @@ def _read_trials(
     return trials
 
 
+def _running_step_outputs(storage: optuna.storages.RDBStorage, records: Sequence[StageRecord]) -> dict[tuple[str, str], dict]:
+    """Read the outputs of the running steps, where a retraining reports its epoch, by ``(pipeline, step)``."""
+    running = {record.pipeline for record in records if record.is_step and record.state == stages.StageState.RUNNING}
+    found = {}
+    for pipeline in sorted(running):
+        for name, payload in stage_table.get_outputs(storage.engine, pipeline).items():
+            found[(pipeline, name)] = payload
+    return found
+
+
 def supervise(
     storage: optuna.storages.RDBStorage,
     pipelines: Sequence[str],
@@ -910,7 +920,7 @@ def supervise(
             if events:
                 records = [record for name in pipelines for record in stages.load_stage_records(storage, name)]
                 trials = _read_trials(storage, [record for record in records if record.problem is None], cache)
-            progress = read_progress(records, trials, workers=len(workers))
+            progress = read_progress(records, trials, workers=len(workers), step_outputs=_running_step_outputs(storage, records))
             monitor.update(progress, trials, events)
             if first:
                 monitor.summarize(progress)

@@ -288,6 +288,52 @@ def test_running_step_time_from_claim():
     assert progress.eta_s() == pytest.approx(600.0 - 250.0)
 
 
+def test_resumed_retraining_estimated_from_pace():
+    # resumed after epoch 10 of 30, 200 s ago, and has trained 5 epochs since
+    search = search_record("toy-nf.only", "toy-nf", StageState.DONE)
+    claimed_at = NOW - datetime.timedelta(seconds=200)
+    retrain = step_record(RETRAIN, "toy-nf", StageState.RUNNING, ("toy-nf.only",), claimed_at=claimed_at)
+    trials = {"toy-nf.only": [trial(0, TrialState.COMPLETE, 80.0, value=1.0)]}
+    outputs = {("toy", "retrain:toy-nf"): {"progress": {"epoch": 15, "epochs": 30, "resumed_after": 10}}}
+
+    progress = read_progress([search, retrain], trials, workers=1, now=NOW, step_outputs=outputs)
+
+    step = progress.stages[1]
+    assert (step.epoch, step.epochs, step.resumed_after) == (15, 30, 10)
+    assert progress.stage_eta_s(step) == pytest.approx(15 * 200.0 / 5)
+    assert row_of(rendered(progress), "retrain:toy-nf")[2:4] == ["epoch", "15/30"]
+
+
+def test_retraining_before_first_epoch_uses_search_pace():
+    search = search_record("toy-nf.only", "toy-nf", StageState.DONE)
+    claimed_at = NOW - datetime.timedelta(seconds=30)
+    retrain = step_record(RETRAIN, "toy-nf", StageState.RUNNING, ("toy-nf.only",), claimed_at=claimed_at)
+    trials = {"toy-nf.only": [trial(0, TrialState.COMPLETE, 80.0, value=1.0)]}
+    outputs = {("toy", "retrain:toy-nf"): {"progress": {"epoch": 10, "epochs": 30, "resumed_after": 10}}}
+
+    progress = read_progress([search, retrain], trials, workers=1, now=NOW, step_outputs=outputs)
+
+    # 20 epochs left at the search's 20 s per epoch
+    assert progress.stage_eta_s(progress.stages[1]) == pytest.approx(20 * 20.0)
+
+
+def test_resume_logged_once(caplog):
+    running = dataclasses.replace(
+        step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=600.0, running_s=3.0),
+        epoch=5,
+        epochs=16,
+        resumed_after=5,
+    )
+    monitor = PipelineMonitor(log_trials=False)
+
+    with caplog.at_level(logging.INFO, logger="hpo.progress"):
+        monitor.update(PipelineProgress(stages=(running,), workers=1), {})
+        monitor.update(PipelineProgress(stages=(running,), workers=1), {})
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == ["Step retrain:toy-nf of pipeline toy resumed from its saved training state after epoch 5 of 16"]
+
+
 def test_running_step_without_claim_time():
     search = search_record("toy-nf.only", "toy-nf", StageState.DONE)
     retrain = step_record(RETRAIN, "toy-nf", StageState.RUNNING, ("toy-nf.only",))

@@ -282,6 +282,10 @@ def test_retrain_resumes_after_kill(settings, jets_path, tmp_path, caplog):
         process.wait()
     record = next(item for item in records() if item.name == "retrain:flat")
     assert record.state == StageState.RUNNING
+    # the retraining reports its epochs for the controller's progress view
+    reported = get_outputs(storage.engine, "steps")["retrain:flat"]["progress"]
+    assert reported["epochs"] == 40
+    assert reported["resumed_after"] == 0
 
     # after the grace period, another process takes it over and resumes
     time.sleep(3)
