@@ -149,14 +149,21 @@ def per_tensor_adam() -> Iterator[None]:
 
 
 def train_one_epoch(size: str, data, train, validation) -> float:
-    """Train a fresh model of ``size`` for one epoch with ``train_convae``; return the seconds."""
+    """Train a fresh model of ``size`` for one epoch with ``train_convae`` and return the seconds."""
     import time
-
-    from models.training import train_convae
 
     model = _model(size, train.device)
     synchronize(train.device)
     started = time.perf_counter()
+    _train_epoch(size, model, data, train, validation)
+    synchronize(train.device)
+    return time.perf_counter() - started
+
+
+def _train_epoch(size: str, model, data, train, validation) -> None:
+    """Train ``model`` of ``size`` for one epoch on ``train`` with the benchmark's settings."""
+    from models.training import train_convae
+
     train_convae(
         model,
         train,
@@ -171,33 +178,16 @@ def train_one_epoch(size: str, data, train, validation) -> float:
         data_fingerprint=data.fingerprint,
         eval_every=1,
     )
-    synchronize(train.device)
-    return time.perf_counter() - started
 
 
 def profile_training(size: str, data, device: torch.device, steps: int = 20) -> str:
     """Profile ``steps`` training steps of ``size`` with torch.profiler and return the op table."""
     from torch.profiler import ProfilerActivity, profile
 
-    from models.training import train_convae
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     train = data.train[: steps * BATCH_SIZE]
     with profile(activities=activities) as profiler:
-        train_convae(
-            _model(size, device),
-            train,
-            data.validation[:BATCH_SIZE],
-            data.scaler,
-            _weights(size, data.statistics["pt_over_mass"]),
-            objective=SIZES[size]["objective"],
-            epochs=1,
-            batch_size=BATCH_SIZE,
-            lr=1.0e-4,
-            seed=0,
-            data_fingerprint=data.fingerprint,
-            eval_every=1,
-        )
+        _train_epoch(size, _model(size, device), data, train, data.validation[:BATCH_SIZE])
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return profiler.key_averages().table(sort_by=sort_key, row_limit=20)
 
