@@ -313,7 +313,7 @@ def best_command(
         _print_json(summary)
         return
 
-    # the table rounds, and --json keeps the full value
+    # rounded as in the tables, while --json keeps the full value
     typer.echo(f"Study {summary['study']}: best trial {summary['number']}, EMD_sum {_format_value(summary['value'])}")
     table = _table("Parameters")
     table.add_column("Name")

@@ -639,8 +639,8 @@ class WorkerPool:
         while its run loop runs.
 
         Returns:
-            The identities by position in ``workers``. Actors that did not answer within
-            ``timeout_s``, such as dead or restarting ones, are left out.
+            The identities by position in ``workers``. Actors that did not return their
+            identity within ``timeout_s``, such as dead or restarting ones, are left out.
         """
         import ray
 

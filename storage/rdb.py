@@ -335,6 +335,8 @@ def set_trial_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, at
     Raises:
         optuna.exceptions.UpdateFinishedTrialError: The trial is already finished.
     """
+    if not attrs:
+        return
     # Study wraps an RDBStorage in a _CachedStorage, whose attribute writes go straight through
     rdb = getattr(storage, "_backend", storage)
     batched = isinstance(rdb, optuna.storages.RDBStorage) and hasattr(rdb, "_set_trial_attr_without_commit")

@@ -431,6 +431,18 @@ def test_trial_user_attrs_written_in_one_commit(any_url):
     assert storage.get_trial_user_attrs(trial._trial_id) == {"seed": 2, "params": {"lr": 0.1}, "host": "a"}
 
 
+def test_no_trial_user_attrs_writes_nothing(any_url):
+    storage = open_storage(any_url)
+    study = optuna.create_study(storage=storage, study_name=unique("attrs"))
+    trial = study.ask()
+    commits = count_commits(storage.engine)
+
+    set_trial_user_attrs(study._storage, trial._trial_id, {})
+
+    assert commits[0] == 0
+    assert storage.get_trial_user_attrs(trial._trial_id) == {}
+
+
 def test_trial_user_attrs_of_finished_trial_rejected(any_url):
     storage = open_storage(any_url)
     study = optuna.create_study(storage=storage, study_name=unique("attrs"))

@@ -784,7 +784,7 @@ def test_interrupted_run_hands_back_its_work(ray_env, fresh_postgres_url, jets_p
     assert code == 0, second.output
     assert {stage.state for stage in stages.values()} == {StageState.DONE}
     assert "Resuming the retraining of trial 0 of study quick-vae.search after epoch" in second.output
-    # the controller's own log says so too, not only the worker's
+    # the controller logs the resume too, not only the worker
     assert "Step retrain:quick-vae of pipeline interrupt resumed from its saved training state after epoch" in second.output
     trials = assert_budgets_used_exactly(fresh_postgres_url, {"quick-vae.search": 1, "slow-vae.search": 1})
     assert [trial.state for trial in trials["slow-vae.search"]] == [TrialState.FAIL, TrialState.COMPLETE]
