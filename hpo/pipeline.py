@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import json
 import logging
 import threading
 import warnings
@@ -82,6 +83,7 @@ __all__ = [
     "StageRecord",
     "advance_pipeline",
     "budget_lock",
+    "count_study_trials",
     "count_trials",
     "fail_stale_trials",
     "load_stage_records",
@@ -519,11 +521,58 @@ def count_trials(trials: Sequence[FrozenTrial]) -> StageCounts:
     return StageCounts(**counts)
 
 
+def count_study_trials(connection: sqlalchemy.Connection, study_id: int) -> StageCounts:
+    """Count a study's trials for the budget in the database, as :func:`count_trials` does.
+
+    One grouped count replaces reading every trial, which takes milliseconds per thousand
+    trials. The FAIL trials and the retries' ``retry_history`` are read only when the study
+    has FAIL trials.
+
+    Args:
+        connection: Open connection to the storage database, such as the one that holds
+            :func:`budget_lock`.
+        study_id: Storage id of the study.
+
+    Returns:
+        The same counts as ``count_trials(study.get_trials())``.
+    """
+    trials = optuna_models.TrialModel.__table__
+    system_attrs = optuna_models.TrialSystemAttributeModel.__table__
+    by_state = dict(
+        connection.execute(
+            select(trials.c.state, sqlalchemy.func.count())
+            .where(trials.c.study_id == study_id)
+            .group_by(trials.c.state)
+        ).all()
+    )
+    retried = 0
+    if by_state.get(TrialState.FAIL, 0):
+        failed = set(
+            connection.execute(
+                select(trials.c.number).where(trials.c.study_id == study_id, trials.c.state == TrialState.FAIL)
+            ).scalars()
+        )
+        histories = connection.execute(
+            select(system_attrs.c.value_json)
+            .select_from(system_attrs.join(trials, trials.c.trial_id == system_attrs.c.trial_id))
+            .where(trials.c.study_id == study_id, system_attrs.c.key == "retry_history")
+        ).scalars()
+        retried = len(failed & {history[-1] for history in map(json.loads, histories) if history})
+    return StageCounts(
+        complete=by_state.get(TrialState.COMPLETE, 0),
+        pruned=by_state.get(TrialState.PRUNED, 0),
+        running=by_state.get(TrialState.RUNNING, 0),
+        waiting=by_state.get(TrialState.WAITING, 0),
+        failed=by_state.get(TrialState.FAIL, 0) - retried,
+        retried=retried,
+    )
+
+
 # budget lock
 
 
 @contextmanager
-def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
+def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[sqlalchemy.Connection | None]:
     """Hold a lock, shared by every jethpo process on the storage, for one study's budget.
 
     Workers check the budget and ask for a trial inside this block, so two workers never
@@ -536,6 +585,10 @@ def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterato
     Args:
         storage: Storage returned by ``storage.open_storage``.
         study_name: The study whose budget is checked.
+
+    Yields:
+        On PostgreSQL, the connection whose transaction holds the lock, for queries inside
+        the block (:func:`count_study_trials`); otherwise ``None``.
     """
     engine = storage.engine
     if engine.dialect.name == "postgresql":
@@ -546,20 +599,20 @@ def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterato
                 sqlalchemy.text("SELECT pg_advisory_xact_lock(:namespace, :key)"),
                 {"namespace": _BUDGET_LOCK_NAMESPACE, "key": key},
             )
-            yield
+            yield connection
         return
 
     path = sqlite_database_path(engine.url)
     if path is None:
         with _memory_budget_lock:
-            yield
+            yield None
         return
 
     lock_path = Path(path).with_name(Path(path).name + _SQLITE_BUDGET_LOCK_SUFFIX)
     with open(lock_path, "a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
-            yield
+            yield None
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 

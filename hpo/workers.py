@@ -50,7 +50,7 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo import pipeline as stages
-from hpo.pipeline import BudgetExhausted, StageRecord, budget_lock, count_trials
+from hpo.pipeline import BudgetExhausted, StageRecord, budget_lock, count_study_trials
 from hpo.spaces import Profile, Resources
 from hpo.steps import StepRunner, claimable_steps
 from storage import pipeline as stage_table
@@ -168,6 +168,10 @@ class WorkerSettings:
 def open_worker_storage(settings: WorkerSettings) -> optuna.storages.RDBStorage:
     """Open the storage with heartbeats, retries and the small pool of a worker.
 
+    The pool keeps two connections: a trial is asked for on one while the other holds the
+    budget lock. With one, the second connection was opened and closed for every trial,
+    which cost the worker and the database server a new session each time.
+
     Raises:
         StorageError: The URL is invalid or the database cannot be opened.
     """
@@ -176,8 +180,8 @@ def open_worker_storage(settings: WorkerSettings) -> optuna.storages.RDBStorage:
         heartbeat_interval=settings.heartbeat_interval,
         grace_period=settings.grace_period,
         failed_trial_max_retry=settings.max_retry,
-        pool_size=1,
-        max_overflow=1,
+        pool_size=2,
+        max_overflow=0,
     )
 
 
@@ -249,8 +253,12 @@ class _WorkerStudy(optuna.Study):
         self.n_trials = 0
 
     def ask(self, fixed_distributions=None) -> optuna.Trial:
-        with budget_lock(self._rdb, self.study_name):
-            counts = count_trials(self.get_trials(deepcopy=False))
+        with budget_lock(self._rdb, self.study_name) as locked:
+            if locked is None:
+                with self._rdb.engine.connect() as connection:
+                    counts = count_study_trials(connection, self._study_id)
+            else:
+                counts = count_study_trials(locked, self._study_id)
             if not counts.has_budget(self.n_trials):
                 raise BudgetExhausted(
                     f"study {self.study_name} has {counts.used} of {self.n_trials} trials counted and none WAITING"
@@ -288,6 +296,7 @@ class Worker:
         self._step_runner: StepRunner | None = None
         self._trials_run = 0
         self._swept: dict[str, float] = {}
+        self._spaces: dict[str, Any] | None = None
 
     # identity
 
@@ -373,7 +382,7 @@ class Worker:
 
     def _step(self, identity: Mapping[str, Any]) -> str:
         """Run one trial of the most urgent open stage and return "ran", "idle" or "finished"."""
-        records = [record for name in self.pipelines for record in stages.load_stage_records(self._storage, name)]
+        records = self._stage_records()
         if not records or all(record.is_terminal for record in records):
             return "finished"
 
@@ -409,6 +418,28 @@ class Worker:
                 continue
             return "ran"
         return "idle"
+
+    def _stage_records(self) -> list[StageRecord]:
+        """Read the stages of the worker's pipelines, with the search spaces read once.
+
+        A stored search space never changes (``storage.pipeline.save_space`` rejects other
+        text under a name in use), so the spaces are read again only when a stage names one
+        that this worker has not seen.
+        """
+        from hpo.studies import load_spaces
+
+        def read() -> list[StageRecord]:
+            return [
+                record for name in self.pipelines for record in stages.load_stage_records(self._storage, name, self._spaces)
+            ]
+
+        if self._spaces is None:
+            self._spaces = load_spaces(self._storage)
+        records = read()
+        if any(record.space is None and record.kind != stages.RESULTS for record in records):
+            self._spaces = load_spaces(self._storage)
+            records = read()
+        return records
 
     def _steps(self) -> StepRunner:
         if self._step_runner is None:

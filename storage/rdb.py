@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +15,7 @@ from typing import Any
 import optuna
 import sqlalchemy
 import sqlalchemy.exc
+import sqlalchemy.pool
 from sqlalchemy.dialects import postgresql as sqlalchemy_postgresql
 from sqlalchemy.dialects import sqlite as sqlalchemy_sqlite
 from sqlalchemy.engine import URL
@@ -57,8 +60,10 @@ def open_storage(
 ) -> optuna.storages.RDBStorage:
     """Open the Optuna storage at ``url``, creating Optuna's and jethpo's tables if missing.
 
-    Each process gets a small connection pool with ``pool_pre_ping`` on, so connections
-    that the server dropped are replaced before use. When the schema is incomplete, a
+    Each process gets a small connection pool. On PostgreSQL it is an
+    :class:`IdlePingPool`, which tests a connection that rested for a second before using
+    it, so connections that the server dropped, say in a restart, are replaced; on SQLite
+    ``pool_pre_ping`` tests every one. When the schema is incomplete, a
     lock shared by all jethpo processes (``storage.locks.schema_lock``) serialises its
     creation, so many workers can start at once on an empty database. A complete schema
     is opened without the lock.
@@ -209,6 +214,44 @@ def _retry_callback(max_retry: int | None) -> Any:
         return _RetryCallback(max_retry=max_retry)
 
 
+PING_AFTER_IDLE_S = 1.0
+"""Seconds a pooled PostgreSQL connection may rest before its next checkout pings the server."""
+
+
+class IdlePingPool(sqlalchemy.pool.QueuePool):
+    """Connection pool that tests a connection at checkout only after it rested a while.
+
+    SQLAlchemy's ``pool_pre_ping`` sends ``SELECT 1`` at every checkout, and a worker checks
+    out a connection about a dozen times per trial, mostly milliseconds apart. This pool
+    pings only connections that rested at least :data:`PING_AFTER_IDLE_S`, which still
+    finds the connections that a PostgreSQL restart broke while a trial trained. A failed
+    ping raises ``DisconnectionError``, on which SQLAlchemy discards the connection and
+    checks out a new one. The listeners belong to the class, so an engine rebuilt from
+    ``engine_kwargs`` after pickling (``RDBStorage.__setstate__``) keeps them.
+    """
+
+
+@sqlalchemy.event.listens_for(IdlePingPool, "checkin")
+def _note_checkin(dbapi_connection: Any, record: Any) -> None:
+    record.info["jethpo_checked_in"] = time.monotonic()
+
+
+@sqlalchemy.event.listens_for(IdlePingPool, "checkout")
+def _ping_if_rested(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    checked_in = record.info.get("jethpo_checked_in")
+    # a connection opened for this checkout has no checkin time and needs no ping
+    if checked_in is None or time.monotonic() - checked_in < PING_AFTER_IDLE_S:
+        return
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT 1")
+        finally:
+            cursor.close()
+    except Exception as error:
+        raise sqlalchemy.exc.DisconnectionError(f"the pooled connection failed a ping: {error}") from error
+
+
 def _engine_kwargs(
     url: URL,
     *,
@@ -219,9 +262,9 @@ def _engine_kwargs(
 ) -> dict[str, Any]:
     if url.get_backend_name() == "postgresql":
         return {
+            "poolclass": IdlePingPool,
             "pool_size": pool_size,
             "max_overflow": max_overflow,
-            "pool_pre_ping": True,
             "connect_args": {"connect_timeout": connect_timeout, "application_name": "jethpo"},
         }
 
@@ -350,24 +393,37 @@ def set_trial_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, at
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
-    model = models.TrialUserAttributeModel
-    with _create_scoped_session(rdb.scoped_session, True) as session:
-        if rdb.engine.name not in _UPSERT_DIALECTS:
+    if rdb.engine.name not in _UPSERT_DIALECTS:
+        with _create_scoped_session(rdb.scoped_session, True) as session:
             for key, value in attrs.items():
-                rdb._set_trial_attr_without_commit(session, model, trial_id, key, value)
-            return
+                rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+        return
+
+    # SQLAlchemy Core on a pooled connection, and one statement for every group size that
+    # SQLAlchemy compiles once: an ORM session and a multi-row VALUES cost about 2 ms more
+    trials = models.TrialModel.__table__
+    rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
+    with rdb.engine.begin() as connection:
         if rdb.engine.name == "postgresql":
-            session.execute(sqlalchemy.text("SET LOCAL synchronous_commit TO OFF"))
-        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-        rdb.check_trial_is_updatable(trial_id, trial.state)
-        rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
-        upsert = _UPSERT_DIALECTS[rdb.engine.name](model).values(rows)
-        session.execute(
-            upsert.on_conflict_do_update(
-                index_elements=[model.trial_id, model.key],
-                set_={"value_json": upsert.excluded.value_json},
-            )
-        )
+            connection.execute(sqlalchemy.text("SET LOCAL synchronous_commit TO OFF"))
+        state = connection.execute(sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id)).scalar()
+        if state is None:
+            # the message of Optuna's own lookup
+            raise KeyError(f"No trial with trial_id {trial_id} exists.")
+        rdb.check_trial_is_updatable(trial_id, state)
+        connection.execute(_user_attr_upsert(rdb.engine.name), rows)
+
+
+@functools.cache
+def _user_attr_upsert(dialect: str) -> sqlalchemy.Insert:
+    from optuna.storages._rdb import models
+
+    table = models.TrialUserAttributeModel.__table__
+    upsert = _UPSERT_DIALECTS[dialect](table)
+    return upsert.on_conflict_do_update(
+        index_elements=[table.c.trial_id, table.c.key],
+        set_={"value_json": upsert.excluded.value_json},
+    )
 
 
 @contextmanager

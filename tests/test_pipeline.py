@@ -22,6 +22,7 @@ from hpo.pipeline import (
     StageCounts,
     advance_pipeline,
     budget_lock,
+    count_study_trials,
     count_trials,
     fail_stale_trials,
     load_stage_records,
@@ -262,6 +263,38 @@ def test_retry_of_a_retry_counts_once():
 
     assert counts.retried == 2
     assert counts.used == 1
+
+
+@pytest.mark.parametrize(
+    "states",
+    [
+        [],
+        [(TrialState.COMPLETE, None), (TrialState.PRUNED, None), (TrialState.RUNNING, None)],
+        [
+            (TrialState.COMPLETE, None),
+            (TrialState.PRUNED, None),
+            (TrialState.FAIL, None),
+            (TrialState.FAIL, None),
+            (TrialState.RUNNING, None),
+            (TrialState.WAITING, [3]),
+        ],
+        [(TrialState.FAIL, None), (TrialState.FAIL, [0]), (TrialState.COMPLETE, [0, 1]), (TrialState.FAIL, None)],
+    ],
+    ids=["empty", "no failures", "retried and not", "retry of a retry"],
+)
+def test_count_in_database_matches_count_of_trials(storage, states):
+    study = optuna.create_study(study_name="counted", storage=storage)
+    other = optuna.create_study(study_name="other", storage=storage)
+    for number, (state, retry_of) in enumerate(states):
+        storage.create_new_trial(study._study_id, template_trial=frozen(number, state, retry_of=retry_of))
+        # trials of another study must not count, even with a retry_history that names a FAIL number
+        storage.create_new_trial(other._study_id, template_trial=frozen(number, TrialState.WAITING, retry_of=[2]))
+
+    with storage.engine.connect() as connection:
+        counted = count_study_trials(connection, study._study_id)
+
+    assert counted == count_trials(study.get_trials())
+    assert sum(vars(counted).values()) == len(states)
 
 
 @pytest.mark.parametrize(

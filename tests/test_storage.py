@@ -45,7 +45,7 @@ from storage import (
     set_trial_user_attrs,
     upsert_stage,
 )
-from storage.rdb import read_study_user_attrs
+from storage.rdb import PING_AFTER_IDLE_S, IdlePingPool, read_study_user_attrs
 from storage.urls import STORAGE_ENV_VAR
 
 DASHBOARD = Path(sys.executable).with_name("optuna-dashboard")
@@ -248,15 +248,7 @@ def test_outdated_schema_is_storage_error(sqlite_url):
 # connection pool and SQLite settings
 
 
-def test_postgres_pool_size_and_pre_ping(postgres_url, postgres_admin_url):
-    storage = open_storage(postgres_url, pool_size=3, max_overflow=1)
-    engine = storage.engine
-    assert engine.pool.size() == 3
-    assert engine.pool._pre_ping is True
-    assert engine.pool._max_overflow == 1
-
-    # the server drops every pooled connection; pre-ping must replace them silently
-    storage.get_all_studies()
+def _kill_jethpo_connections(postgres_url: str, postgres_admin_url: str) -> int:
     database = sqlalchemy.make_url(postgres_url).database
     admin = sqlalchemy.create_engine(postgres_admin_url, poolclass=sqlalchemy.pool.NullPool)
     with admin.begin() as connection:
@@ -268,10 +260,38 @@ def test_postgres_pool_size_and_pre_ping(postgres_url, postgres_admin_url):
             {"name": database},
         ).scalar_one()
     admin.dispose()
-    assert killed >= 1
+    return killed
+
+
+def test_postgres_pool_size_and_ping_after_rest(postgres_url, postgres_admin_url):
+    storage = open_storage(postgres_url, pool_size=3, max_overflow=1)
+    engine = storage.engine
+    assert isinstance(engine.pool, IdlePingPool)
+    assert engine.pool.size() == 3
+    assert engine.pool._max_overflow == 1
+
+    # the server drops every pooled connection; once they rested, the ping replaces them silently
+    storage.get_all_studies()
+    assert _kill_jethpo_connections(postgres_url, postgres_admin_url) >= 1
+    time.sleep(PING_AFTER_IDLE_S + 0.2)
 
     assert isinstance(storage.get_all_studies(), list)
     engine.dispose()
+
+
+def test_postgres_connection_broken_between_pings_fails_once(postgres_url, postgres_admin_url, monkeypatch):
+    # the trade-off of pinging only rested connections: a connection that the server dropped
+    # moments after its last use fails one request, and the pool then replaces all of them
+    monkeypatch.setattr("storage.rdb.PING_AFTER_IDLE_S", 60.0)
+    storage = pickle.loads(pickle.dumps(open_storage(postgres_url)))
+    assert isinstance(storage.engine.pool, IdlePingPool)
+    storage.get_all_studies()
+    assert _kill_jethpo_connections(postgres_url, postgres_admin_url) >= 1
+
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        storage.get_all_studies()
+    assert isinstance(storage.get_all_studies(), list)
+    storage.engine.dispose()
 
 
 def test_sqlite_uses_wal_and_busy_timeout(sqlite_url):
@@ -452,6 +472,15 @@ def test_trial_user_attrs_of_finished_trial_rejected(any_url):
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         set_trial_user_attrs(storage, trial._trial_id, {"seed": 2})
     assert storage.get_trial_user_attrs(trial._trial_id) == {}
+
+
+def test_trial_user_attrs_of_unknown_trial_rejected(any_url):
+    storage = open_storage(any_url)
+    study = optuna.create_study(storage=storage, study_name=unique("attrs"))
+    trial = study.ask()
+
+    with pytest.raises(KeyError, match=f"trial_id {trial._trial_id + 1000} "):
+        set_trial_user_attrs(storage, trial._trial_id + 1000, {"seed": 2})
 
 
 def test_trial_user_attrs_on_memory_storage():
