@@ -13,12 +13,16 @@ number of finished trials in their study:
   same sampler and pruner, whose objective suggests the same parameter, reports one value,
   asks the pruner and returns the value.
 
-A third case, ``jethpo_per_call_writes``, is the jethpo path with the grouping of its
-database work undone (:func:`per_call_writes`), so that the fix and the code before it are
-measured side by side. Blocks of ``--block`` trials of the three cases alternate
-``--repeats`` times at every level, and the table shows the median time per trial and the
-SQL statements and commits per trial. Studies are filled up to each level with
-a bulk insert (:func:`fill_study`), with the user attributes that each path stores itself.
+Two more cases measure the fixes side by side with the code before them, each undone inside
+this process on a second worker: ``jethpo_earlier`` is the path before the second fix
+(:func:`earlier_trial_path`: the worker's connection pool, the budget count, the search
+spaces read per step and the attribute writes), and ``jethpo_per_call_writes`` the path
+before both fixes (:func:`per_call_writes` as well: one transaction per user attribute, two
+reads per stage, and a stale-trial sweep per trial). Blocks of ``--block`` trials of the
+four cases alternate ``--repeats`` times at every level, and the table shows the median
+time per trial and the SQL statements and commits per trial. Studies are filled up to each
+level with a bulk insert (:func:`fill_study`), with the user attributes that each path
+stores itself.
 
 Run from the repository root::
 
@@ -32,6 +36,7 @@ import argparse
 import contextlib
 import cProfile
 import io
+import json
 import logging
 import pstats
 import random
@@ -239,6 +244,94 @@ def per_call_writes(worker: Any) -> Iterator[None]:
         hpo.objectives.run_trial = run_trial
 
 
+def earlier_worker_storage(settings: Any) -> optuna.storages.RDBStorage:
+    """Open a worker's storage as ``hpo.workers.open_worker_storage`` did before the second fix.
+
+    One pooled connection plus one overflow connection, which SQLAlchemy opened and closed
+    for every trial, and ``pool_pre_ping``, a ``SELECT 1`` at every checkout.
+    """
+    from sqlalchemy.engine import make_url
+
+    from storage.rdb import _create_rdb_storage, _engine_kwargs, _retry_callback
+
+    url = settings.storage_url
+    kwargs = _engine_kwargs(make_url(url), pool_size=1, max_overflow=1, connect_timeout=10, sqlite_busy_timeout=60.0)
+    kwargs.pop("poolclass", None)
+    kwargs["pool_pre_ping"] = True
+    return _create_rdb_storage(
+        url,
+        skip_table_creation=True,
+        engine_kwargs=kwargs,
+        heartbeat_interval=settings.heartbeat_interval,
+        grace_period=settings.grace_period,
+        heartbeat_stale_trial_callback=_retry_callback(settings.max_retry),
+    )
+
+
+@contextlib.contextmanager
+def earlier_trial_path(worker: Any) -> Iterator[None]:
+    """Run the jethpo path as it ran before the second fix (commit ef4e3ed), for the block.
+
+    The changes measured against this case, each undone here inside this process:
+
+    - the worker's pool: :func:`earlier_worker_storage` instead of two kept connections
+      and a ping only after a rest (``storage.rdb.IdlePingPool``). The worker must have
+      been opened with it; ``Worker.run`` opens it inside this block;
+    - the budget count: every trial of the study read through Optuna and counted in Python,
+      instead of one grouped count (``hpo.pipeline.count_study_trials``);
+    - the search spaces: read with the stages at every step instead of once per worker;
+    - the grouped user attributes: an ORM session and one multi-row ``VALUES`` compiled per
+      call instead of SQLAlchemy Core and a cached statement.
+    """
+    import sqlalchemy
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    import hpo.objectives
+    import hpo.workers
+    from hpo.pipeline import BudgetExhausted, budget_lock, count_trials, load_stage_records
+    from storage.rdb import _UPSERT_DIALECTS
+
+    def ask_counting_in_python(study, fixed_distributions=None):
+        with budget_lock(study._rdb, study.study_name):
+            counts = count_trials(study.get_trials(deepcopy=False))
+            if not counts.has_budget(study.n_trials):
+                raise BudgetExhausted(f"study {study.study_name} has no budget left")
+            return optuna.Study.ask(study, fixed_distributions)
+
+    def stage_records_with_spaces():
+        return [record for name in worker.pipelines for record in load_stage_records(worker._storage, name)]
+
+    def set_attrs_in_session(storage, trial_id, attrs):
+        if not attrs:
+            return
+        rdb = getattr(storage, "_backend", storage)
+        model = models.TrialUserAttributeModel
+        with _create_scoped_session(rdb.scoped_session, True) as session:
+            if rdb.engine.name == "postgresql":
+                session.execute(sqlalchemy.text("SET LOCAL synchronous_commit TO OFF"))
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+            rdb.check_trial_is_updatable(trial_id, trial.state)
+            rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
+            upsert = _UPSERT_DIALECTS[rdb.engine.name](model).values(rows)
+            session.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=[model.trial_id, model.key], set_={"value_json": upsert.excluded.value_json}
+                )
+            )
+
+    saved = (hpo.workers.open_worker_storage, hpo.workers._WorkerStudy.ask, hpo.objectives.set_trial_user_attrs)
+    hpo.workers.open_worker_storage = earlier_worker_storage
+    hpo.workers._WorkerStudy.ask = ask_counting_in_python
+    hpo.objectives.set_trial_user_attrs = set_attrs_in_session
+    worker._stage_records = stage_records_with_spaces
+    try:
+        yield
+    finally:
+        hpo.workers.open_worker_storage, hpo.workers._WorkerStudy.ask, hpo.objectives.set_trial_user_attrs = saved
+        del worker._stage_records
+
+
 class _Forgetful(dict):
     """A dict that drops every item set in it."""
 
@@ -317,9 +410,10 @@ BREAKDOWN_FUNCTIONS = {
     "hpo.pipeline.fail_stale_trials": ("hpo/pipeline.py", "fail_stale_trials"),
     "optuna fail_stale_trials": ("optuna/storages/_heartbeat.py", "fail_stale_trials"),
     "  set_trial_user_attrs (grouped attributes)": ("storage/rdb.py", "set_trial_user_attrs"),
-    "count_trials + get_trials in _step": ("hpo/pipeline.py", "count_trials"),
     "run_trial": ("hpo/objectives.py", "run_trial"),
     "  _WorkerStudy.ask (lock, budget, ask)": ("hpo/workers.py", "ask"),
+    "    count_study_trials, inside the lock": ("hpo/pipeline.py", "count_study_trials"),
+    "    Study.ask (Optuna), inside the lock": ("optuna/study/study.py", "ask"),
     "  Trial.set_user_attr": ("optuna/trial/_trial.py", "set_user_attr"),
     "  Trial.report": ("optuna/trial/_trial.py", "report"),
     "  Trial.should_prune": ("optuna/trial/_trial.py", "should_prune"),
@@ -393,6 +487,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         worker = Worker(settings, [PIPELINE], index=0)
         worker._storage = open_worker_storage(settings)
         identity = worker.identity()
+        # the same worker as before the second fix, with its own storage and studies
+        earlier = Worker(settings, [PIPELINE], index=0)
+        earlier._storage = earlier_worker_storage(settings)
         jethpo_study = optuna.load_study(study_name=space.stages[0].study_name, storage=storage)
         jethpo_attrs = {
             "seed": 123456789,
@@ -417,12 +514,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
         jethpo_counter = StatementCounter(worker._storage.engine)
+        earlier_counter = StatementCounter(earlier._storage.engine)
         optuna_counter = StatementCounter(plain_storage.engine)
         counts: dict[str, list[tuple[int, int]]] = {}
 
-        def run_jethpo() -> None:
+        def run_jethpo(runner: Any = worker) -> None:
             for _ in range(args.block):
-                step = worker._step(identity)
+                step = runner._step(identity)
                 if step != "ran":
                     raise RuntimeError(f"the worker step returned {step!r} instead of running a trial")
 
@@ -438,14 +536,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             return block
 
+        def run_jethpo_earlier() -> None:
+            with earlier_trial_path(earlier):
+                run_jethpo(earlier)
+
         def run_jethpo_per_call() -> None:
-            with per_call_writes(worker):
-                run_jethpo()
+            with earlier_trial_path(earlier), per_call_writes(earlier):
+                run_jethpo(earlier)
 
         cases = {
             "jethpo": timed("jethpo", run_jethpo, jethpo_counter),
             "optuna": timed("optuna", lambda: plain_study.optimize(noop_objective, n_trials=args.block), optuna_counter),
-            "jethpo_per_call_writes": timed("jethpo_per_call_writes", run_jethpo_per_call, jethpo_counter),
+            "jethpo_earlier": timed("jethpo_earlier", run_jethpo_earlier, earlier_counter),
+            "jethpo_per_call_writes": timed("jethpo_per_call_writes", run_jethpo_per_call, earlier_counter),
         }
 
         database = probe_database(url)
@@ -457,6 +560,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         # warm-up: the worker prepares its data and both paths open their connections
         worker._step(identity)
+        with earlier_trial_path(earlier):
+            earlier._step(identity)
         plain_study.optimize(noop_objective, n_trials=1)
 
         rng = random.Random(0)
@@ -476,11 +581,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row[f"{name}_commits_per_trial"] = median([pair[1] for pair in counts[name]]) / args.block
                 row[f"{name}_write_commits_per_trial"] = median([pair[2] for pair in counts[name]]) / args.block
             row["ratio"] = row["jethpo_ms_per_trial"] / row["optuna_ms_per_trial"]
+            row["ratio_earlier"] = row["jethpo_earlier_ms_per_trial"] / row["optuna_ms_per_trial"]
             row["ratio_per_call_writes"] = row["jethpo_per_call_writes_ms_per_trial"] / row["optuna_ms_per_trial"]
             rows.append(row)
             print(
                 f"{level} finished trials: jethpo {row['jethpo_ms_per_trial']:.1f} ms, optuna "
-                f"{row['optuna_ms_per_trial']:.1f} ms, jethpo with per-call writes "
+                f"{row['optuna_ms_per_trial']:.1f} ms, before the second fix "
+                f"{row['jethpo_earlier_ms_per_trial']:.1f} ms, before both fixes "
                 f"{row['jethpo_per_call_writes_ms_per_trial']:.1f} ms per trial (filling took {fill_seconds:.0f} s)",
                 flush=True,
             )
@@ -501,6 +608,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 }
 
         worker._storage.engine.dispose()
+        earlier._storage.engine.dispose()
         storage.engine.dispose()
         plain_storage.engine.dispose()
 
@@ -511,6 +619,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "jethpo_ms_per_trial",
             "optuna_ms_per_trial",
             "ratio",
+            "jethpo_earlier_ms_per_trial",
+            "ratio_earlier",
             "jethpo_per_call_writes_ms_per_trial",
             "ratio_per_call_writes",
         ],
@@ -523,6 +633,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "jethpo_statements_per_trial",
             "jethpo_commits_per_trial",
             "jethpo_write_commits_per_trial",
+            "jethpo_earlier_statements_per_trial",
+            "jethpo_earlier_commits_per_trial",
             "jethpo_per_call_writes_statements_per_trial",
             "jethpo_per_call_writes_commits_per_trial",
             "jethpo_per_call_writes_write_commits_per_trial",

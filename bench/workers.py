@@ -12,9 +12,10 @@ Each actor reserves ``--cpus-per-worker`` Ray CPUs (default 2/32), so that 32 ac
 the 2-core development machine whatever N is. The actors are started and have imported
 torch before the stage starts, so start-up is not timed.
 
-Each worker count runs twice by default (``--variants``): jethpo as it is, and with the
-grouping of its database work undone in every worker (``bench.orchestration.per_call_writes``),
-the code before the fix that ``bench.orchestration`` measures. CPU time per trial is summed by process
+Each worker count runs once per variant (``--variants``): jethpo as it is (``jethpo``), as
+before the second fix of ``bench.orchestration`` (``earlier``:
+``bench.orchestration.earlier_trial_path`` in every worker), and as before both fixes
+(``per-call-writes``: ``bench.orchestration.per_call_writes`` as well). CPU time per trial is summed by process
 group (workers, PostgreSQL, Ray, this controller) with psutil.
 
 Throughput is the number of trials divided by the time from the first trial's start to
@@ -94,13 +95,14 @@ class SleepWorker(Worker):
 
     Args:
         sleep_s: Seconds each trial sleeps.
+        variant: ``jethpo``, ``earlier`` or ``per-call-writes`` (see the module docstring).
         Other arguments: see ``hpo.workers.Worker``.
     """
 
-    def __init__(self, settings, pipelines, index: int, threads: int, sleep_s: float, per_call_writes: bool = False) -> None:
+    def __init__(self, settings, pipelines, index: int, threads: int, sleep_s: float, variant: str = "jethpo") -> None:
         super().__init__(settings, pipelines, index, threads)
         self.sleep_s = sleep_s
-        self.per_call_writes = per_call_writes
+        self.variant = variant
 
     def ready(self) -> dict[str, Any]:
         """Import what the worker loop imports; return the process id and its resident and unique memory in MiB."""
@@ -115,13 +117,16 @@ class SleepWorker(Worker):
     def run(self) -> dict[str, Any]:
         import hpo.objectives
 
-        from bench.orchestration import per_call_writes
+        from bench.orchestration import earlier_trial_path, per_call_writes
 
         hpo.objectives.train_params = functools.partial(sleep_train_params, sleep_s=self.sleep_s)
-        if not self.per_call_writes:
+        if self.variant == "jethpo":
             return super().run()
-        with per_call_writes(self):
-            return super().run()
+        with earlier_trial_path(self):
+            if self.variant == "earlier":
+                return super().run()
+            with per_call_writes(self):
+                return super().run()
 
 
 def _trial_times(url: str, study_name: str) -> list[tuple[float, float, int]]:
@@ -193,7 +198,7 @@ def measure(count: int, args: argparse.Namespace, path: Path, variant: str) -> d
         actor_class = ray.remote(SleepWorker)
         actors = [
             actor_class.options(num_cpus=args.cpus_per_worker, max_restarts=0).remote(
-                settings, [profile.name], index, 1, args.sleep, variant == "per-call-writes"
+                settings, [profile.name], index, 1, args.sleep, variant
             )
             for index in range(count)
         ]
@@ -271,9 +276,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--variants",
         nargs="+",
-        choices=("jethpo", "per-call-writes"),
-        default=["jethpo", "per-call-writes"],
-        help="jethpo as it is, and with its database work per trial as before the fix (bench.orchestration.per_call_writes)",
+        choices=("jethpo", "earlier", "per-call-writes"),
+        default=["jethpo", "earlier"],
+        help="jethpo as it is, as before the second fix (bench.orchestration.earlier_trial_path), and as before both fixes",
     )
     parser.add_argument("--output", default="workers", help="name of the result file under bench/results/")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one worker count may take")
