@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
+import hpo.studies
 from hpo.objectives import prepare_data
 from hpo.pipeline import advance_pipeline, count_trials, load_stage_records, plan_pipeline, register_pipeline
 from hpo.spaces import Resources, parse_profile
@@ -451,6 +452,39 @@ def test_threaded_workers_share_budget_exactly(fresh_postgres_url, jets_path, ti
         (trial for trial in trials["tiny-nf.first"] if trial.state == TrialState.COMPLETE), key=lambda trial: trial.value
     )
     assert second.user_attrs["params"]["lr"] == best_first.params["lr"]
+
+
+def test_worker_reads_stored_spaces_again_only_for_an_unknown_family(fresh_postgres_url, tiny_files, tmp_path, monkeypatch):
+    space_path, _ = tiny_files
+    storage = open_storage(fresh_postgres_url, heartbeat_interval=1, grace_period=4)
+    run = {"data_path": "jets.hdf5", "n_jets": 600, "split_seed": 0, "data_fingerprint": "0" * 64}
+
+    def register(space_file: Path, profile_name: str) -> None:
+        space, _ = add_space(storage, space_file)
+        profile = parse_profile(TINY_PROFILE.replace("name: tiny", f"name: {profile_name}"), "tiny profile")
+        register_pipeline(storage, plan_pipeline({space.name: space}, profile), run)
+
+    register(space_path, "tiny")
+    worker = Worker(WorkerSettings(fresh_postgres_url), ["tiny", "other"])
+    worker._storage = storage
+    reads = []
+    load_spaces = hpo.studies.load_spaces
+    monkeypatch.setattr(hpo.studies, "load_spaces", lambda rdb: reads.append(1) or load_spaces(rdb))
+
+    worker._stage_records()
+    worker._stage_records()
+    assert len(reads) == 1
+
+    other_space = tmp_path / "tiny-nf2.yaml"
+    other_space.write_text(TINY_SPACE.replace("name: tiny-nf", "name: tiny-nf2"))
+    register(other_space, "other")
+    reads.clear()
+    records = worker._stage_records()
+    storage.engine.dispose()
+
+    assert len(reads) == 1
+    assert {record.study_name for record in records if record.pipeline == "other"} >= {"tiny-nf2.first", "tiny-nf2.second"}
+    assert all(record.space is not None for record in records if record.kind != "results")
 
 
 def test_trial_failed_by_storage_error_is_requeued(fresh_postgres_url, tiny_files, caplog):
