@@ -529,8 +529,8 @@ def count_study_trials(connection: sqlalchemy.Connection, study_id: int) -> Stag
     has FAIL trials.
 
     Args:
-        connection: Open connection to the storage database, such as the one that holds
-            :func:`budget_lock`.
+        connection: Open connection to the storage database, such as the one on which
+            :func:`budget_lock` took its lock.
         study_id: Storage id of the study.
 
     Returns:

@@ -169,8 +169,8 @@ def open_worker_storage(settings: WorkerSettings) -> optuna.storages.RDBStorage:
     """Open the storage with heartbeats, retries and the small pool of a worker.
 
     The pool keeps two connections: a trial is asked for on one while the other holds the
-    budget lock. With one, the second connection was opened and closed for every trial,
-    which cost the worker and the database server a new session each time.
+    budget lock. With one pooled connection, SQLAlchemy would open and close a second one
+    for every trial, a new database session each time.
 
     Raises:
         StorageError: The URL is invalid or the database cannot be opened.

@@ -222,7 +222,7 @@ class IdlePingPool(sqlalchemy.pool.QueuePool):
     """Connection pool that tests a connection at checkout only after it rested a while.
 
     SQLAlchemy's ``pool_pre_ping`` sends ``SELECT 1`` at every checkout, and a worker checks
-    out a connection about a dozen times per trial, mostly milliseconds apart. This pool
+    out a connection 15 times per trial (``bench.orchestration``), mostly milliseconds apart. This pool
     pings only connections that rested at least :data:`PING_AFTER_IDLE_S`, which still
     finds the connections that a PostgreSQL restart broke while a trial trained. A failed
     ping raises ``DisconnectionError``, on which SQLAlchemy discards the connection and
