@@ -378,8 +378,11 @@ def enqueue_command(
     with _exit_on_user_errors(url):
         rdb = _open_storage(url)
         with rdb.engine.connect() as connection:
+            # the study's search stage, not the steps that name the same study
             registered = connection.execute(
-                select(stages_table.c.pipeline, stages_table.c.state).where(stages_table.c.study_name == study)
+                select(stages_table.c.pipeline, stages_table.c.state).where(
+                    stages_table.c.study_name == study, stages_table.c.stage == study
+                )
             ).all()
         finished = [row.pipeline for row in registered if row.state in (StageState.DONE.value, StageState.FAILED.value)]
         if finished:

@@ -230,6 +230,11 @@ class IdlePingPool(sqlalchemy.pool.QueuePool):
     ``engine_kwargs`` after pickling (``RDBStorage.__setstate__``) keeps them.
     """
 
+    # SQLAlchemy names a pool's logger after its class's module, which would put this one
+    # under jethpo's "storage" logger at INFO; under "sqlalchemy" it stays at WARNING as
+    # QueuePool's does
+    _sqla_logger_namespace = "sqlalchemy.pool.impl.IdlePingPool"
+
 
 @sqlalchemy.event.listens_for(IdlePingPool, "checkin")
 def _note_checkin(dbapi_connection: Any, record: Any) -> None:

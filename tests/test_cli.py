@@ -498,14 +498,16 @@ def test_enqueue_into_finished_stage_rejected(sqlite_url):
     from storage.pipeline import claim_stage, finish_stage, upsert_stage
 
     engine = open_storage(sqlite_url).engine
-    upsert_stage(engine, "quick", "nf.search", study_name="nf.search", family="nf")
-    claim_stage(engine, "quick", "nf.search", "test")
-    finish_stage(engine, "quick", "nf.search", "done")
+    # the retraining step names the same study as the search stage
+    for stage in ("nf.search", "retrain:nf"):
+        upsert_stage(engine, "quick", stage, study_name="nf.search", family="nf")
+        claim_stage(engine, "quick", stage, "test")
+        finish_stage(engine, "quick", stage, "done")
 
     result = invoke("enqueue", "nf.search", "--params", '{"n_flows": 20}', "--storage", sqlite_url)
 
     assert result.exit_code == 1
-    assert "finished stage of pipeline quick" in result.stderr
+    assert "finished stage of pipeline quick, and no worker" in result.stderr
     assert "Traceback" not in result.output
 
 

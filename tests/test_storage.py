@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import logging
 import pickle
 import socket
 import subprocess
@@ -277,6 +278,16 @@ def test_postgres_pool_size_and_ping_after_rest(postgres_url, postgres_admin_url
 
     assert isinstance(storage.get_all_studies(), list)
     engine.dispose()
+
+
+def test_pool_logs_nothing_at_info(postgres_url, caplog):
+    # the CLI logs at INFO; a pool's disposal is SQLAlchemy's business, not the user's
+    caplog.set_level(logging.INFO)
+    storage = open_storage(postgres_url)
+    storage.get_all_studies()
+    storage.engine.dispose()
+
+    assert not [record for record in caplog.records if "Pool" in record.getMessage()]
 
 
 def test_postgres_connection_broken_between_pings_fails_once(postgres_url, postgres_admin_url, monkeypatch):
