@@ -62,7 +62,7 @@ def open_storage(
 
     Each process gets a small connection pool. On PostgreSQL it is an
     :class:`IdlePingPool`, which tests a connection that rested for a second before using
-    it, so connections that the server dropped, say in a restart, are replaced; on SQLite
+    it, so connections that the server dropped, say in a restart, are replaced. On SQLite
     ``pool_pre_ping`` tests every one. When the schema is incomplete, a
     lock shared by all jethpo processes (``storage.locks.schema_lock``) serialises its
     creation, so many workers can start at once on an empty database. A complete schema
@@ -230,9 +230,8 @@ class IdlePingPool(sqlalchemy.pool.QueuePool):
     ``engine_kwargs`` after pickling (``RDBStorage.__setstate__``) keeps them.
     """
 
-    # SQLAlchemy names a pool's logger after its class's module, which would put this one
-    # under jethpo's "storage" logger at INFO; under "sqlalchemy" it stays at WARNING as
-    # QueuePool's does
+    # SQLAlchemy names a pool's logger after its module, which would log this one at INFO
+    # under "storage". Under "sqlalchemy" it stays at WARNING, as QueuePool's logger does.
     _sqla_logger_namespace = "sqlalchemy.pool.impl.IdlePingPool"
 
 
@@ -404,9 +403,8 @@ def set_trial_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, at
                 rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
         return
 
-    # SQLAlchemy Core on a pooled connection, and one statement for every group size that
-    # SQLAlchemy compiles once: an ORM session and a multi-row VALUES cost about 1 ms more
-    # per call (bench.orchestration.earlier_trial_path keeps that version for comparison)
+    # Core and one cached statement: an ORM session and a multi-row VALUES compiled per call
+    # cost about 1 ms more (bench.orchestration.earlier_trial_path keeps that version)
     trials = models.TrialModel.__table__
     rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
     with rdb.engine.begin() as connection:

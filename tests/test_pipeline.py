@@ -282,7 +282,7 @@ def test_retry_of_a_retry_counts_once():
     ],
     ids=["empty", "no failures", "retried and not", "retry of a retry"],
 )
-def test_count_in_database_matches_count_of_trials(storage, states):
+def test_sql_count_matches_python_count(storage, states):
     study = optuna.create_study(study_name="counted", storage=storage)
     other = optuna.create_study(study_name="other", storage=storage)
     for number, (state, retry_of) in enumerate(states):

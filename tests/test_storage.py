@@ -264,14 +264,14 @@ def _kill_jethpo_connections(postgres_url: str, postgres_admin_url: str) -> int:
     return killed
 
 
-def test_postgres_pool_size_and_ping_after_rest(postgres_url, postgres_admin_url):
+def test_pool_pings_rested_connections(postgres_url, postgres_admin_url):
     storage = open_storage(postgres_url, pool_size=3, max_overflow=1)
     engine = storage.engine
     assert isinstance(engine.pool, IdlePingPool)
     assert engine.pool.size() == 3
     assert engine.pool._max_overflow == 1
 
-    # the server drops every pooled connection; once they rested, the ping replaces them silently
+    # the server drops every pooled connection, and once they rested, the ping replaces them
     storage.get_all_studies()
     assert _kill_jethpo_connections(postgres_url, postgres_admin_url) >= 1
     time.sleep(PING_AFTER_IDLE_S + 0.2)
@@ -281,7 +281,7 @@ def test_postgres_pool_size_and_ping_after_rest(postgres_url, postgres_admin_url
 
 
 def test_pool_logs_nothing_at_info(postgres_url, caplog):
-    # the CLI logs at INFO; a pool's disposal is SQLAlchemy's business, not the user's
+    # the CLI logs at INFO, and a pool's disposal is no news to the user
     caplog.set_level(logging.INFO)
     storage = open_storage(postgres_url)
     storage.get_all_studies()
@@ -290,9 +290,9 @@ def test_pool_logs_nothing_at_info(postgres_url, caplog):
     assert not [record for record in caplog.records if "Pool" in record.getMessage()]
 
 
-def test_postgres_connection_broken_between_pings_fails_once(postgres_url, postgres_admin_url, monkeypatch):
-    # the trade-off of pinging only rested connections: a connection that the server dropped
-    # moments after its last use fails one request, and the pool then replaces all of them
+def test_recently_broken_connection_fails_once(postgres_url, postgres_admin_url, monkeypatch):
+    # a connection dropped moments after its last use is not pinged, so it fails one
+    # request, and then the pool replaces all of its connections
     monkeypatch.setattr("storage.rdb.PING_AFTER_IDLE_S", 60.0)
     storage = pickle.loads(pickle.dumps(open_storage(postgres_url)))
     assert isinstance(storage.engine.pool, IdlePingPool)

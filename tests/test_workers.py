@@ -454,7 +454,7 @@ def test_threaded_workers_share_budget_exactly(fresh_postgres_url, jets_path, ti
     assert second.user_attrs["params"]["lr"] == best_first.params["lr"]
 
 
-def test_worker_reads_stored_spaces_again_only_for_an_unknown_family(fresh_postgres_url, tiny_files, tmp_path, monkeypatch):
+def test_spaces_reread_for_unknown_family(fresh_postgres_url, tiny_files, tmp_path, monkeypatch):
     space_path, _ = tiny_files
     storage = open_storage(fresh_postgres_url, heartbeat_interval=1, grace_period=4)
     run = {"data_path": "jets.hdf5", "n_jets": 600, "split_seed": 0, "data_fingerprint": "0" * 64}
