@@ -20,7 +20,9 @@ trial with ``Study.ask`` and ``Study.tell`` and turns model failures into FAIL t
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import datetime
 import gc
 import hashlib
 import json
@@ -54,6 +56,12 @@ from models.training import (
     unflatten_jets,
 )
 from storage.rdb import record_heartbeats, set_trial_user_attrs
+
+try:
+    # NOTE: private, see _tell. Study.optimize of Optuna 5.0 and 5.1 calls it.
+    from optuna.study._tell import _tell_with_warning
+except ImportError:  # pragma: no cover, only a later Optuna
+    _tell_with_warning = None
 
 __all__ = [
     "FAIL_REASONS",
@@ -652,6 +660,40 @@ def run_trial(
     )
 
 
+def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None) -> FrozenTrial:
+    """Tell the study the trial's state and value, and return the trial as stored.
+
+    The public ``Study.tell`` reads the trial from the storage before and after the update,
+    one query per trial table each time. ``Study.optimize`` calls the function behind it,
+    which reads it only before. This calls that function too and builds the returned trial
+    from the trial's own copy, which holds the parameters, intermediate values and user
+    attributes that this process stored. Where the trial may have ended elsewhere (another
+    process fails a trial whose heartbeat went stale), it is read from the storage instead.
+    """
+    if _tell_with_warning is None:
+        try:
+            return study.tell(trial, value, state=state, skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return study._storage.get_trial(trial._trial_id)
+    try:
+        outcome = _tell_with_warning(study=study, trial=trial, value_or_values=value, state=state, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # the trial ended elsewhere between the read and the update
+        return study._storage.get_trial(trial._trial_id)
+    if not (isinstance(outcome, tuple) and len(outcome) == 3 and isinstance(outcome[0], TrialState)):
+        # Optuna 5.0 and 5.1 return the state, values and a message. The trial is stored either way.
+        return study._storage.get_trial(trial._trial_id)
+    stored_state, values, _ = outcome
+    if stored_state != state or state == TrialState.FAIL:
+        # another process ends a trial only as FAIL, so a FAIL is read back from the storage
+        return study._storage.get_trial(trial._trial_id)
+    frozen = copy.deepcopy(trial._cached_frozen_trial)
+    frozen.state = stored_state
+    frozen.values = values
+    frozen.datetime_complete = datetime.datetime.now()
+    return frozen
+
+
 def _set_user_attrs(trial: optuna.Trial, storage: optuna.storages.BaseStorage, attrs: Mapping[str, Any]) -> None:
     """Store ``attrs`` in one transaction and in the trial's own copy, as ``Trial.set_user_attr`` does."""
     set_trial_user_attrs(storage, trial._trial_id, dict(attrs))
@@ -706,9 +748,10 @@ def _finish(
     try:
         # NOTE: Optuna 5.1 has no public accessor for a study's storage.
         _set_user_attrs(trial, study._storage, {**(attrs or {}), "wall_time_s": wall_time})
-        frozen = study.tell(trial, value, state=state, skip_if_finished=True)
     except optuna.exceptions.UpdateFinishedTrialError:
-        frozen = study.tell(trial, state=state, skip_if_finished=True)
+        frozen = study._storage.get_trial(trial._trial_id)
+    else:
+        frozen = _tell(study, trial, state, value)
 
     if frozen.state != state:
         # most likely another worker failed the trial because its heartbeat went stale

@@ -251,6 +251,7 @@ class _WorkerStudy(optuna.Study):
         self._rdb = storage
         self.trial_attrs = dict(trial_attrs)
         self.n_trials = 0
+        self._none_waiting = False
 
     def ask(self, fixed_distributions=None) -> optuna.Trial:
         with budget_lock(self._rdb, self.study_name) as locked:
@@ -263,7 +264,21 @@ class _WorkerStudy(optuna.Study):
                 raise BudgetExhausted(
                     f"study {self.study_name} has {counts.used} of {self.n_trials} trials counted and none WAITING"
                 )
-            return super().ask(fixed_distributions)
+            # a trial enqueued after this count waits for the next ask, like one enqueued after the ask
+            self._none_waiting = counts.waiting == 0
+            try:
+                return super().ask(fixed_distributions)
+            finally:
+                self._none_waiting = False
+
+    def _pop_waiting_trial_id(self) -> int | None:
+        # NOTE: overrides the private method with which Optuna 5's ``Study.ask`` looks for a
+        # WAITING trial, reading every unfinished trial and every trial finished since the
+        # last read. That read is skipped when the count under the budget lock found none
+        # WAITING. Should Optuna stop calling this method, ``ask`` reads as before.
+        if self._none_waiting:
+            return None
+        return super()._pop_waiting_trial_id()
 
 
 class Worker:

@@ -407,10 +407,12 @@ def set_trial_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, at
     # cost about 1 ms more (bench.orchestration.earlier_trial_path keeps that version)
     trials = models.TrialModel.__table__
     rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
+    lookup = sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id)
+    if rdb.engine.name == "postgresql":
+        # SET LOCAL, in the same round trip as the state
+        lookup = lookup.add_columns(sqlalchemy.func.set_config("synchronous_commit", "off", True))
     with rdb.engine.begin() as connection:
-        if rdb.engine.name == "postgresql":
-            connection.execute(sqlalchemy.text("SET LOCAL synchronous_commit TO OFF"))
-        state = connection.execute(sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id)).scalar()
+        state = connection.execute(lookup).scalar()
         if state is None:
             # the message of Optuna's own lookup
             raise KeyError(f"No trial with trial_id {trial_id} exists.")

@@ -2,6 +2,7 @@
 failed trials end in the right state with their user attributes, and the worker survives."""
 
 import dataclasses
+import datetime
 import logging
 import math
 import pickle
@@ -141,6 +142,12 @@ def assert_common_attrs(trial, study, data):
     assert attrs["device"] == "cpu"
     assert isinstance(attrs["wall_time_s"], float)
     assert attrs["wall_time_s"] > 0
+    # run_trial builds the trial it returns instead of reading it back
+    stored = study.get_trials()[trial.number]
+    fields = ("state", "values", "params", "distributions", "user_attrs", "system_attrs", "intermediate_values")
+    assert {name: getattr(trial, name) for name in fields} == {name: getattr(stored, name) for name in fields}
+    assert trial.datetime_start == stored.datetime_start
+    assert abs(trial.datetime_complete - stored.datetime_complete) < datetime.timedelta(seconds=1)
 
 
 # data
@@ -572,6 +579,18 @@ def test_trial_failed_elsewhere_keeps_state(storage, data, monkeypatch, caplog):
     assert trial.state == TrialState.FAIL
     assert "fail_reason" not in trial.user_attrs
     assert f"Trial 0 of study {study.study_name} was already FAIL" in caplog.text
+
+
+def test_public_tell_when_internal_one_missing(storage, data, monkeypatch):
+    # what run_trial does with an Optuna that no longer has the function Study.optimize calls
+    monkeypatch.setattr(hpo.objectives, "_tell_with_warning", None)
+    space = convae_space()
+    study = new_study(storage, "public-tell")
+
+    trial = run_trial(study, space, space.stage("loss"), BUDGET, data, inherited={})
+
+    assert trial.state == TrialState.COMPLETE
+    assert_common_attrs(trial, study, data)
 
 
 def test_trial_failure_pickles_with_reason():

@@ -462,6 +462,27 @@ def test_trial_user_attrs_written_in_one_commit(any_url):
     assert storage.get_trial_user_attrs(trial._trial_id) == {"seed": 2, "params": {"lr": 0.1}, "host": "a"}
 
 
+def test_trial_user_attrs_commit_asynchronously(postgres_url):
+    storage = open_storage(postgres_url, pool_size=1, max_overflow=0)
+    study = optuna.create_study(storage=storage, study_name=unique("attrs"))
+    trial = study.ask()
+    at_commit = []
+
+    def on_commit(connection) -> None:
+        at_commit.append(connection.exec_driver_sql("SHOW synchronous_commit").scalar())
+
+    sqlalchemy.event.listen(storage.engine, "commit", on_commit)
+    set_trial_user_attrs(study._storage, trial._trial_id, {"seed": 2})
+    sqlalchemy.event.remove(storage.engine, "commit", on_commit)
+
+    with storage.engine.connect() as connection:
+        afterwards = connection.exec_driver_sql("SHOW synchronous_commit").scalar()
+    storage.engine.dispose()
+    assert at_commit == ["off"]
+    # the setting ends with the transaction, on the same pooled connection
+    assert afterwards == "on"
+
+
 def test_no_trial_user_attrs_writes_nothing(any_url):
     storage = open_storage(any_url)
     study = optuna.create_study(storage=storage, study_name=unique("attrs"))

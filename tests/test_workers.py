@@ -487,6 +487,30 @@ def test_spaces_reread_for_unknown_family(fresh_postgres_url, tiny_files, tmp_pa
     assert all(record.space is not None for record in records if record.kind != "results")
 
 
+def test_ask_skips_read_without_waiting(fresh_postgres_url):
+    from hpo.workers import _WorkerStudy
+
+    storage = open_storage(fresh_postgres_url)
+    optuna.create_study(study_name="asks", storage=storage)
+    study = _WorkerStudy("asks", storage, optuna.samplers.RandomSampler(seed=0), optuna.pruners.NopPruner(), {})
+    study.n_trials = 3
+    study.enqueue_trial({"lr": 0.005})
+    reads = []
+    get_all_trials = study._storage.get_all_trials
+    study._storage.get_all_trials = lambda *args, **kwargs: reads.append(1) or get_all_trials(*args, **kwargs)
+
+    enqueued = study.ask()
+    read_for_enqueued = len(reads)
+    reads.clear()
+    fresh = study.ask()
+    storage.engine.dispose()
+
+    assert (enqueued.number, enqueued.suggest_float("lr", 1e-4, 1e-2, log=True)) == (0, 0.005)
+    assert read_for_enqueued == 1
+    assert fresh.number == 1
+    assert reads == []
+
+
 def test_trial_failed_by_storage_error_is_requeued(fresh_postgres_url, tiny_files, caplog):
     space_path, _ = tiny_files
     storage = open_storage(fresh_postgres_url, heartbeat_interval=1, grace_period=4)
