@@ -13,13 +13,15 @@ number of finished trials in their study:
   same sampler and pruner, whose objective suggests the same parameter, reports one value,
   asks the pruner and returns the value.
 
-Two more cases measure the fixes side by side with the code before them, each undone inside
-this process on a second worker: ``jethpo_earlier`` is the path before the second fix
+Three more cases measure the fixes side by side with the code before them, each undone inside
+this process on a worker of its own: ``jethpo_before_third`` is the path before the third
+fix (:func:`optuna_reads`: Optuna's read of WAITING trials in every ``ask`` and the public
+``Study.tell``), ``jethpo_earlier`` the path before the second fix as well
 (:func:`earlier_trial_path`: the worker's connection pool, the budget count, the search
 spaces read per step and the attribute writes), and ``jethpo_per_call_writes`` the path
-before both fixes (:func:`per_call_writes` as well: one transaction per user attribute, two
+before all three (:func:`per_call_writes` as well: one transaction per user attribute, two
 reads per stage, and a stale-trial sweep per trial). Blocks of ``--block`` trials of the
-four cases alternate ``--repeats`` times at every level, and the table shows the median
+five cases alternate ``--repeats`` times at every level, and the table shows the median
 time per trial and the SQL statements and commits per trial. Studies are filled up to each
 level with a bulk insert (:func:`fill_study`), with the user attributes that each path
 stores itself.
@@ -27,7 +29,7 @@ stores itself.
 Run from the repository root::
 
     python -m bench.orchestration                       # levels 100 and 1,000: about 1 minute
-    python -m bench.orchestration --levels 100 1000 10000   # up to 10,000 trials: about 6 minutes
+    python -m bench.orchestration --levels 100 1000 10000   # up to 10,000 trials: 2 to 6 minutes
 """
 
 from __future__ import annotations
@@ -190,6 +192,30 @@ def fill_study(study: optuna.Study, storage: optuna.storages.RDBStorage, target:
     finally:
         session.close()
     return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def optuna_reads() -> Iterator[None]:
+    """Run the jethpo path as it ran before the third fix, for the block.
+
+    The changes measured against this case, each undone here inside this process:
+
+    - ``ask``: Optuna reads the study's unfinished and newly finished trials to look for a
+      WAITING one, although the budget count under the lock found none
+      (``hpo.workers._WorkerStudy._pop_waiting_trial_id``);
+    - the tell: the public ``Study.tell``, which reads the trial again after the update,
+      instead of the function that ``Study.optimize`` calls (``hpo.objectives._tell``).
+    """
+    import hpo.objectives
+    import hpo.workers
+
+    saved = (hpo.workers._WorkerStudy._pop_waiting_trial_id, hpo.objectives._tell_with_warning)
+    hpo.workers._WorkerStudy._pop_waiting_trial_id = optuna.Study._pop_waiting_trial_id
+    hpo.objectives._tell_with_warning = None
+    try:
+        yield
+    finally:
+        hpo.workers._WorkerStudy._pop_waiting_trial_id, hpo.objectives._tell_with_warning = saved
 
 
 @contextlib.contextmanager
@@ -417,7 +443,7 @@ BREAKDOWN_FUNCTIONS = {
     "  Trial.set_user_attr": ("optuna/trial/_trial.py", "set_user_attr"),
     "  Trial.report": ("optuna/trial/_trial.py", "report"),
     "  Trial.should_prune": ("optuna/trial/_trial.py", "should_prune"),
-    "  Study.tell": ("optuna/study/study.py", "tell"),
+    "  tell (hpo.objectives._tell)": ("hpo/objectives.py", "_tell"),
 }
 
 
@@ -487,7 +513,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         worker = Worker(settings, [PIPELINE], index=0)
         worker._storage = open_worker_storage(settings)
         identity = worker.identity()
-        # the same worker as before the second fix, with its own storage and studies
+        # the same worker before the third fix, and before the second, each with its own
+        # storage and studies
+        before_third = Worker(settings, [PIPELINE], index=0)
+        before_third._storage = open_worker_storage(settings)
         earlier = Worker(settings, [PIPELINE], index=0)
         earlier._storage = earlier_worker_storage(settings)
         jethpo_study = optuna.load_study(study_name=space.stages[0].study_name, storage=storage)
@@ -514,6 +543,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
         jethpo_counter = StatementCounter(worker._storage.engine)
+        before_third_counter = StatementCounter(before_third._storage.engine)
         earlier_counter = StatementCounter(earlier._storage.engine)
         optuna_counter = StatementCounter(plain_storage.engine)
         counts: dict[str, list[tuple[int, int]]] = {}
@@ -536,17 +566,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             return block
 
+        def run_jethpo_before_third() -> None:
+            with optuna_reads():
+                run_jethpo(before_third)
+
         def run_jethpo_earlier() -> None:
-            with earlier_trial_path(earlier):
+            with optuna_reads(), earlier_trial_path(earlier):
                 run_jethpo(earlier)
 
         def run_jethpo_per_call() -> None:
-            with earlier_trial_path(earlier), per_call_writes(earlier):
+            with optuna_reads(), earlier_trial_path(earlier), per_call_writes(earlier):
                 run_jethpo(earlier)
 
         cases = {
             "jethpo": timed("jethpo", run_jethpo, jethpo_counter),
             "optuna": timed("optuna", lambda: plain_study.optimize(noop_objective, n_trials=args.block), optuna_counter),
+            "jethpo_before_third": timed("jethpo_before_third", run_jethpo_before_third, before_third_counter),
             "jethpo_earlier": timed("jethpo_earlier", run_jethpo_earlier, earlier_counter),
             "jethpo_per_call_writes": timed("jethpo_per_call_writes", run_jethpo_per_call, earlier_counter),
         }
@@ -560,7 +595,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         # warm-up: the worker prepares its data and both paths open their connections
         worker._step(identity)
-        with earlier_trial_path(earlier):
+        with optuna_reads():
+            before_third._step(identity)
+        with optuna_reads(), earlier_trial_path(earlier):
             earlier._step(identity)
         plain_study.optimize(noop_objective, n_trials=1)
 
@@ -581,13 +618,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row[f"{name}_commits_per_trial"] = median([pair[1] for pair in counts[name]]) / args.block
                 row[f"{name}_write_commits_per_trial"] = median([pair[2] for pair in counts[name]]) / args.block
             row["ratio"] = row["jethpo_ms_per_trial"] / row["optuna_ms_per_trial"]
+            row["ratio_before_third"] = row["jethpo_before_third_ms_per_trial"] / row["optuna_ms_per_trial"]
             row["ratio_earlier"] = row["jethpo_earlier_ms_per_trial"] / row["optuna_ms_per_trial"]
             row["ratio_per_call_writes"] = row["jethpo_per_call_writes_ms_per_trial"] / row["optuna_ms_per_trial"]
             rows.append(row)
             print(
                 f"{level} finished trials: jethpo {row['jethpo_ms_per_trial']:.1f} ms, optuna "
-                f"{row['optuna_ms_per_trial']:.1f} ms, before the second fix "
-                f"{row['jethpo_earlier_ms_per_trial']:.1f} ms, before both fixes "
+                f"{row['optuna_ms_per_trial']:.1f} ms, before the third fix "
+                f"{row['jethpo_before_third_ms_per_trial']:.1f} ms, before the second "
+                f"{row['jethpo_earlier_ms_per_trial']:.1f} ms, before all three "
                 f"{row['jethpo_per_call_writes_ms_per_trial']:.1f} ms per trial (filling took {fill_seconds:.0f} s)",
                 flush=True,
             )
@@ -608,6 +647,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 }
 
         worker._storage.engine.dispose()
+        before_third._storage.engine.dispose()
         earlier._storage.engine.dispose()
         storage.engine.dispose()
         plain_storage.engine.dispose()
@@ -619,6 +659,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "jethpo_ms_per_trial",
             "optuna_ms_per_trial",
             "ratio",
+            "jethpo_before_third_ms_per_trial",
+            "ratio_before_third",
             "jethpo_earlier_ms_per_trial",
             "ratio_earlier",
             "jethpo_per_call_writes_ms_per_trial",
@@ -633,6 +675,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "jethpo_statements_per_trial",
             "jethpo_commits_per_trial",
             "jethpo_write_commits_per_trial",
+            "jethpo_before_third_statements_per_trial",
+            "jethpo_before_third_commits_per_trial",
             "jethpo_earlier_statements_per_trial",
             "jethpo_earlier_commits_per_trial",
             "jethpo_per_call_writes_statements_per_trial",

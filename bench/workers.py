@@ -13,8 +13,9 @@ the 2-core development machine whatever N is. The actors are started and have im
 torch before the stage starts, so start-up is not timed.
 
 Each worker count runs once per variant (``--variants``): jethpo as it is (``jethpo``), as
-before the second fix of ``bench.orchestration`` (``earlier``:
-``bench.orchestration.earlier_trial_path`` in every worker), and as before both fixes
+before the third fix of ``bench.orchestration`` (``before-third``:
+``bench.orchestration.optuna_reads`` in every worker), as before the second fix as well
+(``earlier``: ``bench.orchestration.earlier_trial_path`` too), and as before all three
 (``per-call-writes``: ``bench.orchestration.per_call_writes`` as well). CPU time per trial is summed by process
 group (workers, PostgreSQL, Ray, this controller) with psutil.
 
@@ -95,7 +96,8 @@ class SleepWorker(Worker):
 
     Args:
         sleep_s: Seconds each trial sleeps.
-        variant: ``jethpo``, ``earlier`` or ``per-call-writes`` (see the module docstring).
+        variant: ``jethpo``, ``before-third``, ``earlier`` or ``per-call-writes`` (see the
+            module docstring).
         Other arguments: see ``hpo.workers.Worker``.
     """
 
@@ -117,16 +119,19 @@ class SleepWorker(Worker):
     def run(self) -> dict[str, Any]:
         import hpo.objectives
 
-        from bench.orchestration import earlier_trial_path, per_call_writes
+        from bench.orchestration import earlier_trial_path, optuna_reads, per_call_writes
 
         hpo.objectives.train_params = functools.partial(sleep_train_params, sleep_s=self.sleep_s)
         if self.variant == "jethpo":
             return super().run()
-        with earlier_trial_path(self):
-            if self.variant == "earlier":
+        with optuna_reads():
+            if self.variant == "before-third":
                 return super().run()
-            with per_call_writes(self):
-                return super().run()
+            with earlier_trial_path(self):
+                if self.variant == "earlier":
+                    return super().run()
+                with per_call_writes(self):
+                    return super().run()
 
 
 def _trial_times(url: str, study_name: str) -> list[tuple[float, float, int]]:
@@ -276,9 +281,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--variants",
         nargs="+",
-        choices=("jethpo", "earlier", "per-call-writes"),
-        default=["jethpo", "earlier"],
-        help="jethpo as it is, as before the second fix (bench.orchestration.earlier_trial_path), and as before both fixes",
+        choices=("jethpo", "before-third", "earlier", "per-call-writes"),
+        default=["jethpo", "before-third"],
+        help="jethpo as it is, and as before the third, the second or all three fixes of bench.orchestration",
     )
     parser.add_argument("--output", default="workers", help="name of the result file under bench/results/")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one worker count may take")
