@@ -951,7 +951,7 @@ def advance_pipeline(
         records: The pipeline's stages from :func:`load_stage_records`.
         owner: Name of this process for ``jethpo_stages.claimed_by``, such as ``host:pid``.
         trials: Trials of each running stage's study, by study name, if the caller has
-            read them already. Others are read from the storage.
+            read them already. Others are counted in the storage.
 
     Returns:
         ``(stage name, new state, reason)`` for each transition made by this call.
@@ -978,8 +978,10 @@ def advance_pipeline(
             stage_trials = (trials or {}).get(record.study_name)
             if stage_trials is None:
                 study_id = storage.get_study_id_from_name(record.study_name)
-                stage_trials = storage.get_all_trials(study_id, deepcopy=False)
-            counts = count_trials(stage_trials)
+                with engine.connect() as connection:
+                    counts = count_study_trials(connection, study_id)
+            else:
+                counts = count_trials(stage_trials)
             if not counts.is_done(record.budget.n_trials):
                 continue
             if counts.complete == 0:
