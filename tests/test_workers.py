@@ -177,14 +177,22 @@ def wait_for_nodes(address: str, count: int, timeout_s: float = 90.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_env():
-    """Environment of every Ray process of the module.
+def ray_env(tmp_path_factory):
+    """Environment of every Ray process and ``jethpo`` command of the module.
 
     Token authentication is off. Ray reads RAY_AUTH_MODE once per process, so a test
     process that imported Ray before this fixture could not join a cluster that requires
-    a token. The cluster listens on this machine only for the module's duration.
+    a token. The cluster listens on this machine only for the module's duration. The
+    commands keep their data and artifacts in a temporary folder, not in the working
+    directory.
     """
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONUNBUFFERED": "1",
+        "JETHPO_DATA_DIR": str(tmp_path_factory.mktemp("jethpo-data")),
+    }
     env.pop("RAY_ADDRESS", None)
     previous = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     os.environ["RAY_AUTH_MODE"] = "disabled"
