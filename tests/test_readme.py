@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 import yaml
 
 from hpo.spaces import parse_space
@@ -32,7 +36,7 @@ PROFILES = ROOT / "hpo" / "profiles"
 
 _FENCE = re.compile(r"^(?P<indent>[ ]*)```(?P<language>[\w-]*)\n(?P<body>.*?)^(?P=indent)```[ ]*$", re.M | re.S)
 _SEPARATORS = {"&&", "||", ";", "|"}
-_CHECKED_PROGRAMS = {"python3.11", ".venv/bin/pip", ".venv/bin/python", "jethpo", "ray", "docker", "cp"}
+_CHECKED_PROGRAMS = {"python3.11", ".venv/bin/pip", ".venv/bin/python", "jethpo", "ray", "docker", "cp", "createdb", "export"}
 _COMPOSE_SUBCOMMANDS = {"up", "down", "stop", "start", "restart", "exec", "logs", "ps", "build"}
 
 
@@ -224,3 +228,34 @@ def test_readme_profiles_table_matches_profiles():
         assert row[1].startswith(f"{convae['n_trials']} trials x {convae['epochs']} epochs"), row
         assert row[2].startswith(f"{flat_nf['n_trials']} trials x {flat_nf['epochs']} epochs"), row
         assert row[4] == ("all" if profile["n_jets"] is None else str(profile["n_jets"])), row
+
+
+def test_readme_postgres_setup_works(postgres_admin_url):
+    [createdb] = commands_of("createdb")
+    [export] = commands_of("export")
+    variable, _, url = export[1].partition("=")
+    storage_url = sqlalchemy.make_url(url)
+    options = dict(zip(createdb[1:-1:2], createdb[2:-1:2]))
+    assert variable == "JETHPO_STORAGE"
+    assert createdb[-1] == storage_url.database
+    assert (options["-h"], options["-U"]) == (storage_url.host, storage_url.username)
+    if (postgres_admin_url.host, postgres_admin_url.port, postgres_admin_url.username) != (
+        storage_url.host,
+        storage_url.port,
+        storage_url.username,
+    ):
+        pytest.skip(f"the test server {postgres_admin_url.host}:{postgres_admin_url.port} is not the README's")
+
+    # the README's commands, on a database of the test's own
+    name = f"jethpo_test_readme_{secrets.token_hex(4)}"
+    subprocess.run([*createdb[:-1], name], check=True, timeout=60)
+    try:
+        env = {**os.environ, variable: storage_url.set(database=name).render_as_string(hide_password=False)}
+        studies = subprocess.run(
+            [str(Path(sys.executable).with_name("jethpo")), "studies"], env=env, capture_output=True, text=True, timeout=120
+        )
+    finally:
+        subprocess.run(["dropdb", *createdb[1:-1], name], check=True, timeout=60)
+
+    assert studies.returncode == 0, studies.stderr
+    assert f"No jethpo studies in postgresql://postgres@127.0.0.1:5432/{name} yet" in studies.stdout
