@@ -627,7 +627,7 @@ def fetch_study_names(port: int, timeout_s: float) -> list[str] | None:
     return None
 
 
-def test_dashboard_lists_studies(postgres_url):
+def test_dashboard_lists_studies(postgres_url, tmp_path):
     name = unique("dashboard")
     space = parse_space(SPACE_TEMPLATE.format(name=name), f"{name}.yaml")
     storage = open_storage(postgres_url)
@@ -637,7 +637,7 @@ def test_dashboard_lists_studies(postgres_url):
 
     environment = {key: value for key, value in os.environ.items() if not key.startswith("JETHPO_")}
     dashboard = subprocess.Popen(
-        [str(JETHPO), "dashboard", "--storage", postgres_url, "--port", str(port)],
+        [str(JETHPO), "dashboard", "--storage", postgres_url, "--data-dir", str(tmp_path), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=environment,
@@ -658,13 +658,13 @@ def test_dashboard_lists_studies(postgres_url):
     assert f"{name}.arch" in names
 
 
-def test_dashboard_port_in_use(sqlite_url):
+def test_dashboard_port_in_use(sqlite_url, tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
 
-        result = invoke("dashboard", "--storage", sqlite_url, "--port", str(port))
+        result = invoke("dashboard", "--storage", sqlite_url, "--data-dir", str(tmp_path), "--port", str(port))
 
     assert result.exit_code == 1
     assert f"failed to listen on 127.0.0.1:{port}" in result.stderr
