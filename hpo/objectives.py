@@ -666,7 +666,7 @@ def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: fl
     The public ``Study.tell`` reads the trial from the storage before and after the update,
     one query per trial table each time. ``Study.optimize`` calls the function behind it,
     which reads it only before. This calls that function too and builds the returned trial
-    from the trial's own copy, which holds the parameters, intermediate values and user
+    from the trial's own copy, which contains the parameters, intermediate values and user
     attributes that this process stored. Where the trial may have ended elsewhere (another
     process fails a trial whose heartbeat went stale), it is read from the storage instead.
     """

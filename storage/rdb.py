@@ -409,7 +409,7 @@ def set_trial_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, at
     rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
     lookup = sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id)
     if rdb.engine.name == "postgresql":
-        # SET LOCAL, in the same round trip as the state
+        # set_config(..., true) acts as SET LOCAL and saves a round trip
         lookup = lookup.add_columns(sqlalchemy.func.set_config("synchronous_commit", "off", True))
     with rdb.engine.begin() as connection:
         state = connection.execute(lookup).scalar()

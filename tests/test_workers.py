@@ -505,7 +505,12 @@ def test_ask_skips_read_without_waiting(fresh_postgres_url):
     study.enqueue_trial({"lr": 0.005})
     reads = []
     get_all_trials = study._storage.get_all_trials
-    study._storage.get_all_trials = lambda *args, **kwargs: reads.append(1) or get_all_trials(*args, **kwargs)
+
+    def counted_get_all_trials(*args, **kwargs):
+        reads.append(1)
+        return get_all_trials(*args, **kwargs)
+
+    study._storage.get_all_trials = counted_get_all_trials
 
     enqueued = study.ask()
     read_for_enqueued = len(reads)
