@@ -23,6 +23,11 @@ Throughput is the number of trials divided by the time from the first trial's st
 the last trial's end, both read from the trials in the database. Efficiency is
 ``throughput(N) / (N x throughput(1))``.
 
+The start spread is the time from the first trial's start to the start of the last
+worker's first trial, and the end spread the time from the end of the first worker's last
+trial to the last trial's end. Both count in the time that throughput divides by. In the
+runs of ``bench/BENCHMARKS.md`` neither grew with the number of trials per worker.
+
 Run from the repository root::
 
     python -m bench.workers                                  # N = 1, 2, 4, 8: about 3 minutes
@@ -212,6 +217,7 @@ def measure(count: int, args: argparse.Namespace, path: Path, variant: str) -> d
         start_up_s = time.perf_counter() - started
         worker_pids = {item["pid"] for item in readiness}
         cpu_before = _cpu_seconds_by_group(worker_pids)
+        dispatched = time.time()
         runs = [actor.run.remote() for actor in actors]
 
         # the controller's part
@@ -251,6 +257,8 @@ def measure(count: int, args: argparse.Namespace, path: Path, variant: str) -> d
         len(spans) / (max(end for _, end in spans) - min(start for start, _ in spans)) for spans in per_worker.values()
     ]
     durations = sorted(end - start for start, end, _ in times)
+    first_starts = [min(start for start, _ in spans) for spans in per_worker.values()]
+    last_ends = [max(end for _, end in spans) for spans in per_worker.values()]
     cpu_ms_per_trial = {
         f"cpu_ms_per_trial_{group}": (cpu_after[group] - cpu_before[group]) * 1e3 / len(times) for group in cpu_after
     }
@@ -263,6 +271,10 @@ def measure(count: int, args: argparse.Namespace, path: Path, variant: str) -> d
         "trials_per_s": len(times) / (last_end - first_start),
         "sum_of_worker_rates_per_s": sum(worker_rates),
         "median_trial_s": durations[len(durations) // 2],
+        # how long the last worker took to start its first trial, and the first to end its last
+        "start_spread_s": max(first_starts) - first_start,
+        "end_spread_s": last_end - min(last_ends),
+        "first_trial_after_dispatch_s": sorted(start - dispatched for start in first_starts),
         "workers_that_ran_trials": len(per_worker),
         "start_up_s": start_up_s,
         "worker_rss_mib_median": sorted(item["rss_mib"] for item in readiness)[len(readiness) // 2],
@@ -321,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["efficiency"] = row["trials_per_s"] / (row["workers"] * single)
     print_table(
         rows,
-        ["workers", "variant", "trials", "span_s", "trials_per_s", "ideal_trials_per_s", "efficiency", "median_trial_s", "worker_uss_mib_median"],
+        ["workers", "variant", "trials", "span_s", "trials_per_s", "ideal_trials_per_s", "efficiency", "median_trial_s", "start_spread_s", "end_spread_s"],
         title=f"Worker scaling, {args.sleep:g} s sleep objective, {args.trials_per_worker} trials per worker",
     )
     print_table(
