@@ -27,6 +27,9 @@ __all__ = [
     "jets_file",
     "matmul_flops_per_s",
     "median",
+    "non_negative_float",
+    "positive_float",
+    "positive_int",
     "print_table",
     "select_device",
     "synchronize",
@@ -156,6 +159,38 @@ def interleave(cases: Mapping[str, Callable[[], float]], repeats: int) -> dict[s
 # devices
 
 
+def positive_int(text: str) -> int:
+    """Parse an option value that must be an integer of at least 1, for ``argparse``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}")
+    return value
+
+
+def _float_at_least(text: str, *, allow_zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+        bound = "0 or more" if allow_zero else "greater than 0"
+        raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """Parse an option value that must be a finite number greater than 0, for ``argparse``."""
+    return _float_at_least(text, allow_zero=False)
+
+
+def non_negative_float(text: str) -> float:
+    """Parse an option value that must be a finite number of 0 or more, for ``argparse``."""
+    return _float_at_least(text, allow_zero=True)
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--device {cpu,cuda}`` and ``--threads`` to a benchmark's parser."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device of the models")
@@ -262,15 +297,24 @@ def throwaway_postgres(admin_url: str = DEFAULT_POSTGRES_ADMIN_URL, label: str =
     import sqlalchemy
     from sqlalchemy.engine import make_url
 
+    from storage.urls import describe_database_error, mask_password
+
     name = f"jethpo_{label}_{os.getpid()}"
-    parsed = make_url(admin_url)
-    if parsed.drivername == "postgresql":
-        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed
-        parsed = parsed.set(drivername="postgresql+psycopg2")
-    admin = sqlalchemy.create_engine(parsed, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
-    with admin.connect() as connection:
-        connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        parsed = make_url(admin_url)
+        if parsed.drivername == "postgresql":
+            # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+        admin = sqlalchemy.create_engine(parsed, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:
+        raise SystemExit(
+            f"--admin-url {mask_password(admin_url)}: creating the database {name} failed "
+            f"({describe_database_error(error)}). Pass --admin-url with a postgresql:// URL of a "
+            f"running server and a user allowed to create databases."
+        ) from None
     url = parsed.set(database=name).render_as_string(hide_password=False)
     try:
         yield url

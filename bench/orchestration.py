@@ -60,6 +60,7 @@ from bench.common import (
     interleave,
     jets_file,
     median,
+    positive_int,
     print_table,
     throwaway_postgres,
     write_results,
@@ -471,9 +472,9 @@ def _top_functions(profile: cProfile.Profile, count: int = 40) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark with command-line arguments ``argv`` and return what it writes to its JSON file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--levels", type=int, nargs="+", default=[100, 1000], help="finished trials in the study before each measurement")
-    parser.add_argument("--block", type=int, default=10, help="trials per timed block")
-    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per path and level")
+    parser.add_argument("--levels", type=positive_int, nargs="+", default=[100, 1000], help="finished trials in the study before each measurement")
+    parser.add_argument("--block", type=positive_int, default=10, help="trials per timed block")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed blocks per path and level")
     parser.add_argument("--sampler", choices=("random", "tpe"), default="random", help="sampler of both paths")
     parser.add_argument("--profile", action="store_true", help="also run one cProfile'd block of the jethpo path per level")
     parser.add_argument("--admin-url", default=DEFAULT_POSTGRES_ADMIN_URL, help="PostgreSQL URL allowed to create databases")

@@ -50,7 +50,16 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from bench.common import DEFAULT_POSTGRES_ADMIN_URL, jets_file, print_table, throwaway_postgres, write_results
+from bench.common import (
+    DEFAULT_POSTGRES_ADMIN_URL,
+    jets_file,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    print_table,
+    throwaway_postgres,
+    write_results,
+)
 from hpo.workers import Worker
 
 __all__ = ["SleepWorker", "main", "sleep_train_params"]
@@ -152,6 +161,21 @@ def _trial_times(url: str, study_name: str) -> list[tuple[float, float, int]]:
     ]
 
 
+def _failure(url: str, study_name: str) -> str:
+    """Return why the trials of a failed stage failed, from their ``fail_message`` attribute."""
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    finally:
+        storage.engine.dispose()
+    for trial in failed:
+        message = trial.user_attrs.get("fail_message")
+        if message:
+            return f"{len(failed)} trials failed, trial {trial.number} with {message}"
+    return f"{len(failed)} trials failed without a message. The workers' log lines above say why."
+
+
 def _cpu_seconds_by_group(worker_pids: set[int]) -> dict[str, float]:
     """Sum user + system CPU seconds of the worker actors, PostgreSQL, Ray's own processes and this process.
 
@@ -223,12 +247,12 @@ def measure(count: int, args: argparse.Namespace, path: Path, variant: str) -> d
         # the controller's part
         study_name = space.stages[0].study_name
         deadline = time.monotonic() + args.timeout
-        done = False
+        state = None
         while time.monotonic() < deadline:
             records = load_stage_records(storage, profile.name)
             search = next(record for record in records if record.study_name == study_name and record.kind == "search")
             if search.state.value in ("done", "failed"):
-                done = search.state.value == "done"
+                state = search.state.value
                 break
             advance_pipeline(storage, records, "bench-controller")
             # the poll interval of the `jethpo run` controller (WorkerSettings.poll_interval_s)
@@ -243,8 +267,13 @@ def measure(count: int, args: argparse.Namespace, path: Path, variant: str) -> d
             except Exception as error:  # noqa: BLE001 - killed actors raise RayActorError, which is expected
                 errors.append(type(error).__name__)
         storage.engine.dispose()
-        if not done:
-            raise RuntimeError(f"the search stage with {count} workers did not finish within {args.timeout} s")
+        if state == "failed":
+            raise SystemExit(f"The search stage with {count} workers failed: {_failure(url, study_name)}")
+        if state is None:
+            raise SystemExit(
+                f"The search stage with {count} workers did not finish within {args.timeout:g} s. "
+                f"Pass a larger --timeout, or fewer --trials-per-worker."
+            )
 
         times = _trial_times(url, study_name)
 
@@ -285,11 +314,11 @@ def measure(count: int, args: argparse.Namespace, path: Path, variant: str) -> d
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark with command-line arguments ``argv`` and return what it writes to its JSON file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="worker counts to measure")
-    parser.add_argument("--sleep", type=float, default=2.0, help="seconds each trial sleeps")
-    parser.add_argument("--trials-per-worker", type=int, default=5, help="budget of the stage per worker")
-    parser.add_argument("--cpus-per-worker", type=float, default=2 / 32, help="Ray CPUs each actor reserves")
-    parser.add_argument("--poll", type=float, default=0.2, help="seconds an idle worker waits before it reads the storage again")
+    parser.add_argument("--workers", type=positive_int, nargs="+", default=[1, 2, 4, 8], help="worker counts to measure")
+    parser.add_argument("--sleep", type=non_negative_float, default=2.0, help="seconds each trial sleeps")
+    parser.add_argument("--trials-per-worker", type=positive_int, default=5, help="budget of the stage per worker")
+    parser.add_argument("--cpus-per-worker", type=positive_float, default=2 / 32, help="Ray CPUs each actor reserves")
+    parser.add_argument("--poll", type=positive_float, default=0.2, help="seconds an idle worker waits before it reads the storage again")
     parser.add_argument(
         "--variants",
         nargs="+",
@@ -298,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="jethpo as it is, and as before the third, the second or all three fixes of bench.orchestration",
     )
     parser.add_argument("--output", default="workers", help="name of the result file under bench/results/")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds one worker count may take")
+    parser.add_argument("--timeout", type=positive_float, default=600, help="seconds one worker count may take")
     parser.add_argument("--admin-url", default=DEFAULT_POSTGRES_ADMIN_URL, help="PostgreSQL URL allowed to create databases")
     parser.add_argument("--jets", default=None, help="jets file for the workers' data preparation; default: generated Pythia jets")
     args = parser.parse_args(argv)

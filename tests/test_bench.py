@@ -1,0 +1,52 @@
+"""The benchmark scripts reject bad options with one line that names the option."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.common import throwaway_postgres
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("module", "options", "expected"),
+    [
+        ("bench.workers", ["--workers", "0"], "argument --workers: expected an integer of at least 1, got '0'"),
+        ("bench.workers", ["--trials-per-worker", "x"], "argument --trials-per-worker: expected an integer of at least 1"),
+        ("bench.workers", ["--sleep", "-1"], "argument --sleep: expected a finite number 0 or more, got '-1'"),
+        ("bench.workers", ["--poll", "0"], "argument --poll: expected a finite number greater than 0"),
+        ("bench.workers", ["--timeout", "inf"], "argument --timeout: expected a finite number greater than 0"),
+        ("bench.orchestration", ["--levels", "100", "-5"], "argument --levels: expected an integer of at least 1, got '-5'"),
+        ("bench.orchestration", ["--repeats", "0"], "argument --repeats: expected an integer of at least 1"),
+    ],
+)
+def test_bench_rejects_bad_option(module, options, expected):
+    result = subprocess.run([sys.executable, "-m", module, *options], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("admin_url", "cause"),
+    [
+        ("notaurl", "Could not parse SQLAlchemy URL"),
+        ("postgresql://postgres:secret@127.0.0.1:1/postgres", "Connection refused"),
+    ],
+)
+def test_bad_admin_url_names_option(admin_url, cause):
+    with pytest.raises(SystemExit) as exit_info:
+        with throwaway_postgres(admin_url, "badurl"):
+            pass
+
+    message = str(exit_info.value)
+    assert message.startswith("--admin-url ")
+    assert cause in message
+    assert "secret" not in message
+    assert "Pass --admin-url" in message
