@@ -148,27 +148,26 @@ class SleepWorker(Worker):
                     return super().run()
 
 
-def _trial_times(url: str, study_name: str) -> list[tuple[float, float, int]]:
+def _read_trials(url: str, study_name: str, state: TrialState) -> list[optuna.trial.FrozenTrial]:
+    """Return the trials of a study in one state, read through a storage of their own."""
     storage = optuna.storages.RDBStorage(url)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
-        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return study.get_trials(deepcopy=False, states=(state,))
     finally:
         storage.engine.dispose()
+
+
+def _trial_times(url: str, study_name: str) -> list[tuple[float, float, int]]:
     return [
         (trial.datetime_start.timestamp(), trial.datetime_complete.timestamp(), int(trial.user_attrs.get("worker", -1)))
-        for trial in trials
+        for trial in _read_trials(url, study_name, TrialState.COMPLETE)
     ]
 
 
 def _failure(url: str, study_name: str) -> str:
     """Return why the trials of a failed stage failed, from their ``fail_message`` attribute."""
-    storage = optuna.storages.RDBStorage(url)
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    finally:
-        storage.engine.dispose()
+    failed = _read_trials(url, study_name, TrialState.FAIL)
     for trial in failed:
         message = trial.user_attrs.get("fail_message")
         if message:
