@@ -89,6 +89,7 @@ __all__ = [
     "load_stage_records",
     "plan_pipeline",
     "register_pipeline",
+    "studies_of_other_pipelines",
     "step_name",
     "retried_trial_numbers",
     "unfinished_pipelines",
@@ -351,6 +352,30 @@ def plan_pipeline(
         )
     stages.sort(key=lambda stage: stage.order)
     return PipelinePlan(name=profile.name, profile=profile, stages=tuple(stages))
+
+
+def studies_of_other_pipelines(storage: optuna.storages.RDBStorage, plan: PipelinePlan) -> dict[str, str]:
+    """Return the plan's search studies that another pipeline registered, with that pipeline's name.
+
+    Study names do not contain the pipeline (profile) name, so two profiles on one storage
+    would share their studies: budgets would count the other profile's trials, and
+    retraining could pick a trial trained on other jets.
+
+    Args:
+        storage: Storage returned by ``storage.open_storage``.
+        plan: The stage graph to be registered.
+
+    Returns:
+        Study name to the name of the pipeline that owns it, ``{}`` if there is none.
+    """
+    names = [stage.study_name for stage in plan.runnable if stage.kind == SEARCH]
+    stored = read_study_user_attrs(storage, names)
+    owners = {}
+    for name in names:
+        owner = (stored.get(name, {}).get(RUN_ATTR) or {}).get("pipeline")
+        if owner is not None and owner != plan.name:
+            owners[name] = owner
+    return owners
 
 
 def register_pipeline(

@@ -1357,6 +1357,14 @@ def run_pipeline(
         raise RunError(f"Profile {profile.name!r} has no stage that this version of jethpo can run for the chosen search spaces.")
 
     # pipeline registration, which keeps the state of stages stored before
+    owners = stages.studies_of_other_pipelines(storage, plan)
+    if owners:
+        study, owner = next(iter(owners.items()))
+        raise RunError(
+            f"Study {study} in {mask_password(settings.storage_url)} belongs to pipeline {owner!r}, and profile "
+            f"{plan.name!r} would share it ({len(owners)} studies in all). Run profile {plan.name!r} on another "
+            f"storage (--storage, or another --data-dir for the default SQLite file), or resume with --profile {owner}."
+        )
     existing = {record.name: record.state for record in stages.load_stage_records(storage, plan.name)}
     if existing and all(existing.get(stage.name) in (stages.StageState.DONE, stages.StageState.FAILED) for stage in plan.runnable):
         logger.info("Pipeline %s is already finished; nothing to run", plan.name)

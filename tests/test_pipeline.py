@@ -28,6 +28,7 @@ from hpo.pipeline import (
     load_stage_records,
     plan_pipeline,
     register_pipeline,
+    studies_of_other_pipelines,
     unfinished_pipelines,
 )
 from hpo.progress import (
@@ -335,6 +336,17 @@ def test_register_stores_stages_and_run_attrs(storage, tiny_space, tiny_profile)
     assert second.run["pipeline"] == "tiny"
     assert second.problem is None
     assert unfinished_pipelines(storage) == ["tiny"]
+
+
+def test_other_pipeline_owns_studies(storage, tiny_space, tiny_profile):
+    registered(storage, tiny_space, tiny_profile)
+    other = parse_profile(TINY_PROFILE.replace("name: tiny", "name: other"), "other test profile")
+
+    owners = studies_of_other_pipelines(storage, plan_pipeline({"tiny-nf": tiny_space}, other))
+    own = studies_of_other_pipelines(storage, plan_pipeline({"tiny-nf": tiny_space}, tiny_profile))
+
+    assert owners == {"tiny-nf.first": "tiny", "tiny-nf.second": "tiny"}
+    assert own == {}
 
 
 def test_advance_starts_stages_in_order(storage, tiny_space, tiny_profile):

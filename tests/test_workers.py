@@ -412,6 +412,26 @@ def test_run_rejects_invalid_input(tmp_path, arguments, message):
     assert "Traceback" not in result.stderr
 
 
+def test_run_rejects_other_profile_studies(tmp_path):
+    from hpo.spaces import load_profile
+    from hpo.studies import load_spaces
+
+    url = f"sqlite:///{tmp_path / 'jethpo.db'}"
+    storage = open_storage(url)
+    run_info = {"data_path": str(tmp_path / "jets.hdf5"), "n_jets": 600, "split_seed": 0, "data_fingerprint": "f" * 64}
+    register_pipeline(storage, plan_pipeline(load_spaces(storage), load_profile("smoke")), run_info)
+    storage.engine.dispose()
+
+    result = CliRunner().invoke(app, ["run", "--profile", "quick", "--storage", url, "--data-dir", str(tmp_path)])
+
+    assert result.exit_code == 1, result.output
+    assert "belongs to pipeline 'smoke'" in result.stderr
+    assert "--profile smoke" in result.stderr
+    assert "Traceback" not in result.stderr
+    # rejected before the quick profile's jets were generated
+    assert not (tmp_path / "pythia").exists()
+
+
 def test_threaded_workers_share_budget_exactly(fresh_postgres_url, jets_path, tiny_files, tmp_path):
     space_path, _ = tiny_files
     storage = open_storage(fresh_postgres_url, heartbeat_interval=1, grace_period=4)
