@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -161,34 +162,37 @@ def interleave(cases: Mapping[str, Callable[[], float]], repeats: int) -> dict[s
 
 def positive_int(text: str) -> int:
     """Parse an option value that must be an integer of at least 1, for ``argparse``."""
+    message = f"expected an integer of at least 1, got {text!r}"
     try:
         value = int(text)
     except ValueError:
-        value = 0
+        raise argparse.ArgumentTypeError(message) from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}")
+        raise argparse.ArgumentTypeError(message)
     return value
 
 
-def _float_at_least(text: str, *, allow_zero: bool) -> float:
+def _finite_float(text: str, *, allow_zero: bool) -> float:
+    bound = "0 or more" if allow_zero else "greater than 0"
+    message = f"expected a finite number {bound}, got {text!r}"
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
-    if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
-        bound = "0 or more" if allow_zero else "greater than 0"
-        raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text!r}")
+        raise argparse.ArgumentTypeError(message) from None
+    below_bound = value < 0 if allow_zero else value <= 0
+    if below_bound or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(message)
     return value
 
 
 def positive_float(text: str) -> float:
     """Parse an option value that must be a finite number greater than 0, for ``argparse``."""
-    return _float_at_least(text, allow_zero=False)
+    return _finite_float(text, allow_zero=False)
 
 
 def non_negative_float(text: str) -> float:
     """Parse an option value that must be a finite number of 0 or more, for ``argparse``."""
-    return _float_at_least(text, allow_zero=True)
+    return _finite_float(text, allow_zero=True)
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

@@ -165,7 +165,7 @@ def _trial_times(url: str, study_name: str) -> list[tuple[float, float, int]]:
     ]
 
 
-def _failure(url: str, study_name: str) -> str:
+def _failure_reason(url: str, study_name: str) -> str:
     """Return why the trials of a failed stage failed, from their ``fail_message`` attribute."""
     failed = _read_trials(url, study_name, TrialState.FAIL)
     for trial in failed:
@@ -267,7 +267,7 @@ def measure(count: int, args: argparse.Namespace, path: Path, variant: str) -> d
                 errors.append(type(error).__name__)
         storage.engine.dispose()
         if state == "failed":
-            raise SystemExit(f"The search stage with {count} workers failed: {_failure(url, study_name)}")
+            raise SystemExit(f"The search stage with {count} workers failed: {_failure_reason(url, study_name)}")
         if state is None:
             raise SystemExit(
                 f"The search stage with {count} workers did not finish within {args.timeout:g} s. "
