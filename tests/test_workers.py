@@ -14,6 +14,7 @@ import datetime
 import getpass
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -96,23 +97,45 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# Ray picks its own ports at random from the ephemeral range upwards (node._get_unused_port),
+# and so does free_port(). Worker port blocks come from below that range, so neither can
+# land inside one, and no block is handed out twice in a test session.
+WORKER_PORT_FLOOR = 10000
+_worker_port_blocks: set[int] = set()
+
+
+def ephemeral_port_floor() -> int:
+    """Return the lowest port the kernel hands out for a bind to port 0."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port_range(size: int = 100) -> tuple[int, int]:
     """Return a block of ports that were free a moment ago, for a Ray node's worker processes."""
-    for _ in range(50):
-        low = free_port() // size * size
-        if low < 20000:
-            continue
-        free = True
-        for port in range(low, low + size):
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("", port))
-                except OSError:
-                    free = False
-                    break
-        if free:
+    ceiling = ephemeral_port_floor()
+    candidates = [
+        low for low in range(WORKER_PORT_FLOOR, ceiling - size + 1, size) if low not in _worker_port_blocks
+    ]
+    random.shuffle(candidates)
+    for low in candidates[:50]:
+        if all(port_is_free(port) for port in range(low, low + size)):
+            _worker_port_blocks.add(low)
             return low, low + size - 1
-    raise RuntimeError("no free block of ports for Ray workers")
+    raise RuntimeError(
+        f"no free block of {size} ports for Ray workers between {WORKER_PORT_FLOOR} and {ceiling}, "
+        "below the kernel's ephemeral port range (/proc/sys/net/ipv4/ip_local_port_range)"
+    )
 
 
 def stop_process_group(process: subprocess.Popen, timeout_s: float = 5.0) -> None:
