@@ -688,9 +688,44 @@ def _exit_on_failed_stages(outcome: Any, url: str) -> None:
         raise typer.Exit(1)
 
 
+def _profile_to_run(url: str) -> str:
+    """Return the profile that ``jethpo run`` runs without --profile: the storage's pipeline, else quick."""
+    from hpo.pipeline import pipeline_names
+    from hpo.spaces import builtin_profiles
+    from hpo.workers import RunError
+
+    rdb = _open_storage(url)
+    try:
+        names = pipeline_names(rdb)
+    finally:
+        rdb.engine.dispose()
+    if not names:
+        return "quick"
+    if len(names) > 1:
+        raise RunError(
+            f"{_masked(url)} holds the pipelines {', '.join(names)}. Pass --profile with the one to run."
+        )
+    if names[0] not in builtin_profiles():
+        raise RunError(
+            f"{_masked(url)} holds pipeline {names[0]!r} of a profile file. Pass --profile with the path of that file."
+        )
+    logger.info("No --profile given: resuming pipeline %s, the one in %s", names[0], _masked(url))
+    return names[0]
+
+
 @app.command("run")
 def run_command(
-    profile: ProfileOption = "quick",
+    profile: Annotated[
+        Optional[str],
+        typer.Option(
+            "--profile",
+            help=(
+                "Run profile: a shipped name (paper, quick, smoke) or the path of a profile YAML file. "
+                "Default: the profile of the pipeline in the storage, else quick."
+            ),
+            show_default=False,
+        ),
+    ] = None,
     storage: StorageOption = None,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     data: Annotated[
@@ -743,7 +778,7 @@ def run_command(
     _warn_sqlite_on_cluster(url, address)
     with _exit_on_run_errors(url):
         settings = _worker_settings(url, heartbeat_interval, grace_period)
-        loaded_profile = load_profile(profile)
+        loaded_profile = load_profile(profile if profile is not None else _profile_to_run(url))
         outcome = run_pipeline(
             settings,
             loaded_profile,

@@ -793,13 +793,35 @@ class StageRecord:
 
 def unfinished_pipelines(storage: optuna.storages.RDBStorage) -> list[str]:
     """Return the names of the pipelines that have pending or running stages, sorted."""
+    return _pipeline_names(storage, (StageState.PENDING, StageState.RUNNING))
+
+
+def pipeline_names(storage: optuna.storages.RDBStorage) -> list[str]:
+    """Return the names of every pipeline registered in the storage, sorted."""
+    return _pipeline_names(storage, None)
+
+
+def _pipeline_names(storage: optuna.storages.RDBStorage, states: Sequence[StageState] | None) -> list[str]:
     table = stage_table.stages_table
-    active = (StageState.PENDING.value, StageState.RUNNING.value)
+    query = select(table.c.pipeline).distinct()
+    if states is not None:
+        query = query.where(table.c.state.in_([state.value for state in states]))
     with storage.engine.connect() as connection:
-        names = connection.execute(
-            select(table.c.pipeline).where(table.c.state.in_(active)).distinct()
-        ).scalars()
-        return sorted(names)
+        return sorted(connection.execute(query).scalars())
+
+
+def registered_run(storage: optuna.storages.RDBStorage, pipeline: str) -> dict[str, Any] | None:
+    """Return the :data:`RUN_ATTR` that a pipeline's last run stored, or None before its first run.
+
+    Every search study of a pipeline gets the same run information at registration, so
+    the first one found stands for all.
+    """
+    names = [row.study_name for row in stage_table.get_stages(storage.engine, pipeline) if row.study_name]
+    for attrs in read_study_user_attrs(storage, names).values():
+        run = attrs.get(RUN_ATTR)
+        if isinstance(run, Mapping) and run.get("pipeline") == pipeline:
+            return dict(run)
+    return None
 
 
 def _depths(depends_on: Mapping[str, Sequence[str]]) -> dict[str, int]:

@@ -1249,7 +1249,9 @@ def prepare_jets(data: str | None, data_dir: Path, n_jets: int | None, profile_n
 
     Generated jets go to ``<data_dir>/pythia/jets.hdf5`` with seed 0. A file there that
     already has at least ``n_jets`` jets is reused, because a pipeline reads the first
-    ``n_jets`` jets and the same seed always generates the same first jets.
+    ``n_jets`` jets and the same seed always generates the same first jets. When that file
+    has fewer, the jets go to ``<data_dir>/pythia/<n_jets>-jets/jets.hdf5`` instead, so a
+    file that another pipeline registered is never rewritten.
 
     Args:
         data: Value of ``--data``, or None.
@@ -1277,22 +1279,28 @@ def prepare_jets(data: str | None, data_dir: Path, n_jets: int | None, profile_n
     from models.generate import generate_jets
 
     folder = (Path(data_dir) / GENERATED_JETS_FOLDER).expanduser().resolve()
-    path = folder / "jets.hdf5"
-    if path.exists():
-        try:
-            with h5py.File(path, "r") as jets_file:
-                available = int(jets_file.attrs.get("n_jets", 0))
-        except OSError:
-            available = 0
+    target = folder
+    for candidate in (folder, folder / f"{n_jets}-jets"):
+        path = candidate / "jets.hdf5"
+        available = 0
+        if path.exists():
+            try:
+                with h5py.File(path, "r") as jets_file:
+                    available = int(jets_file.attrs.get("n_jets", 0))
+            except OSError:
+                available = 0
         if available >= n_jets:
             logger.info("Using %d generated jets in %s (the profile needs %d)", available, path, n_jets)
             return path
+        target = candidate
+        if available == 0:
+            break
     logger.info(
         "No --data given: generating %d gluon jets with Pythia 8 into %s. Later runs reuse them.",
         n_jets,
-        folder,
+        target,
     )
-    return Path(generate_jets(n_jets, folder, seed=0)).resolve()
+    return Path(generate_jets(n_jets, target, seed=0)).resolve()
 
 
 def _run_info(path: Path, n_jets: int | None, artifact_dir: Path) -> dict[str, Any]:
@@ -1357,24 +1365,24 @@ def run_pipeline(
         raise RunError(f"Profile {profile.name!r} has no stage that this version of jethpo can run for the chosen search spaces.")
 
     # pipeline registration, which keeps the state of stages stored before
-    owners = stages.studies_of_other_pipelines(storage, plan)
-    if owners:
-        study, owner = next(iter(owners.items()))
-        raise RunError(
-            f"Study {study} in {mask_password(settings.storage_url)} belongs to pipeline {owner!r}, and profile "
-            f"{plan.name!r} would share it ({len(owners)} studies in all). Run profile {plan.name!r} on another "
-            f"storage (--storage, or another --data-dir for the default SQLite file), or resume with --profile {owner}."
-        )
+    _check_one_pipeline(storage, plan, settings.storage_url)
     existing = {record.name: record.state for record in stages.load_stage_records(storage, plan.name)}
     if existing and all(existing.get(stage.name) in (stages.StageState.DONE, stages.StageState.FAILED) for stage in plan.runnable):
         logger.info("Pipeline %s is already finished; nothing to run", plan.name)
         return _final_outcome(storage, [plan.name])
+    registered = stages.registered_run(storage, plan.name) if existing else None
+    if data is None and registered is not None and Path(registered["data_path"]).exists():
+        # a resumed pipeline keeps its jets, even where generated jets of another profile sit now
+        data = registered["data_path"]
     path = prepare_jets(data, data_dir, profile.n_jets, profile.name)
     if artifact_dir is None:
         from storage.artifacts import resolve_artifact_dir
 
         artifact_dir = resolve_artifact_dir(None, data_dir)
-    stages.register_pipeline(storage, plan, _run_info(path, profile.n_jets, artifact_dir))
+    run_info = _run_info(path, profile.n_jets, artifact_dir)
+    if registered is not None and registered.get("data_fingerprint") not in (None, run_info["data_fingerprint"]):
+        _reject_other_jets(plan.name, settings.storage_url, registered, path, run_info["data_fingerprint"])
+    stages.register_pipeline(storage, plan, run_info)
     if existing:
         logger.info("Resuming pipeline %s from the storage %s", plan.name, mask_password(settings.storage_url))
     else:
@@ -1395,6 +1403,47 @@ def run_pipeline(
         view=LiveView() if live else None,
         monitor=PipelineMonitor(log_trials=not live),
         log_to_driver=log_to_driver,
+    )
+
+
+def _reject_other_jets(pipeline: str, storage_url: str, registered: Mapping[str, Any], path: Path, fingerprint: str) -> None:
+    before = str(registered["data_fingerprint"])[:12]
+    start = f"Pipeline {pipeline} in {mask_password(storage_url)} was registered with the jets of {registered['data_path']}"
+    if Path(registered["data_path"]) == path:
+        raise RunError(
+            f"{start} when their data fingerprint was {before}. It is {fingerprint[:12]} now, so the file "
+            f"changed, and the pipeline's trials would mix the two. Restore the file, or run on another storage."
+        )
+    raise RunError(
+        f"{start} (data fingerprint {before}), but this run would use {path} (data fingerprint "
+        f"{fingerprint[:12]}), and the pipeline's trials would mix the two. Resume with --data "
+        f"{registered['data_path']}, or run on another storage."
+    )
+
+
+def _check_one_pipeline(storage: optuna.storages.RDBStorage, plan: stages.PipelinePlan, storage_url: str) -> None:
+    """Raise RunError when the storage holds the pipeline of another profile.
+
+    Study names do not contain the profile, so two profiles on one storage would share
+    the studies of every family they both run, including a search space added later.
+    """
+    owners = stages.studies_of_other_pipelines(storage, plan)
+    others = sorted({*stages.pipeline_names(storage), *owners.values()} - {plan.name})
+    if not others:
+        return
+    where = mask_password(storage_url)
+    if owners:
+        study, owner = next(iter(owners.items()))
+        reason = f"Study {study} in {where} belongs to pipeline {owner!r}, and profile {plan.name!r} would share it ({len(owners)} studies in all)"
+    else:
+        owner = others[0]
+        reason = (
+            f"{where} holds the pipeline of profile {owner!r}, and one storage holds the pipeline of one profile, "
+            f"because every profile uses the same study names"
+        )
+    raise RunError(
+        f"{reason}. Run profile {plan.name!r} on another storage (--storage, or another --data-dir for the "
+        f"default SQLite file), or resume with --profile {owner}."
     )
 
 

@@ -136,13 +136,17 @@ def test_readme_first_commands_run_in_ci(clean_environment):
     assert test == [[".venv/bin/python", "-m", "pytest"]]
 
 
-def test_readme_first_run_uses_defaults(clean_environment):
+def test_readme_first_run_uses_defaults(clean_environment, tmp_path):
+    from hpo.cli import _profile_to_run
+
     run = split_commands(code_blocks("sh")[0])[-1]
 
     context = parse_command(run)
 
     assert context.command_path == "jethpo run"
-    assert context.params["profile"] == "quick"
+    # without --profile, a storage without a pipeline runs the quick profile
+    assert context.params["profile"] is None
+    assert _profile_to_run(f"sqlite:///{tmp_path / 'jethpo.db'}") == "quick"
     assert context.params["storage"] is None
     assert context.params["address"] is None
     assert context.params["data"] is None

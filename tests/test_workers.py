@@ -36,7 +36,7 @@ from typer.testing import CliRunner
 import hpo.studies
 from hpo.objectives import prepare_data
 from hpo.pipeline import advance_pipeline, count_trials, load_stage_records, plan_pipeline, register_pipeline
-from hpo.spaces import Resources, parse_profile
+from hpo.spaces import Resources, load_profile, parse_profile
 from hpo.studies import add_space
 from hpo.cli import app
 from hpo.workers import Worker, WorkerSettings, default_worker_count, start_workers
@@ -435,15 +435,25 @@ def test_run_rejects_invalid_input(tmp_path, arguments, message):
     assert "Traceback" not in result.stderr
 
 
-def test_run_rejects_other_profile_studies(tmp_path):
-    from hpo.spaces import load_profile
+def register_on_sqlite(tmp_path, profile: str, families=None, data_path=None) -> str:
+    """Register a profile's pipeline in the SQLite storage of ``tmp_path`` under a fake data fingerprint; return its URL."""
     from hpo.studies import load_spaces
 
     url = f"sqlite:///{tmp_path / 'jethpo.db'}"
     storage = open_storage(url)
-    run_info = {"data_path": str(tmp_path / "jets.hdf5"), "n_jets": 600, "split_seed": 0, "data_fingerprint": "f" * 64}
-    register_pipeline(storage, plan_pipeline(load_spaces(storage), load_profile("smoke")), run_info)
+    run_info = {
+        "data_path": data_path or str(tmp_path / "jets.hdf5"),
+        "n_jets": 600,
+        "split_seed": 0,
+        "data_fingerprint": "f" * 64,
+    }
+    register_pipeline(storage, plan_pipeline(load_spaces(storage), load_profile(profile), families), run_info)
     storage.engine.dispose()
+    return url
+
+
+def test_run_rejects_other_profile_studies(tmp_path):
+    url = register_on_sqlite(tmp_path, "smoke")
 
     result = CliRunner().invoke(app, ["run", "--profile", "quick", "--storage", url, "--data-dir", str(tmp_path)])
 
@@ -453,6 +463,76 @@ def test_run_rejects_other_profile_studies(tmp_path):
     assert "Traceback" not in result.stderr
     # rejected before the quick profile's jets were generated
     assert not (tmp_path / "pythia").exists()
+
+
+def test_run_rejects_second_pipeline(tmp_path):
+    url = register_on_sqlite(tmp_path, "smoke", families=["nf"])
+
+    # no study of the convae-gen family belongs to the smoke pipeline
+    result = CliRunner().invoke(
+        app, ["run", "--profile", "quick", "--family", "convae-gen", "--storage", url, "--data-dir", str(tmp_path)]
+    )
+
+    assert result.exit_code == 1, result.output
+    assert "holds the pipeline of profile 'smoke'" in result.stderr
+    assert "--profile smoke" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "pythia").exists()
+
+
+def test_run_resumes_stored_profile(tmp_path, jets_path):
+    url = register_on_sqlite(tmp_path, "smoke", data_path=jets_path)
+
+    # without --profile and --data it resumes the smoke pipeline on its registered jets, whose
+    # fingerprint is not the stored one, so it stops before Ray starts
+    result = CliRunner().invoke(app, ["run", "--storage", url, "--data-dir", str(tmp_path)])
+
+    assert result.exit_code == 1, result.output
+    assert "Pipeline smoke in" in result.stderr
+    assert "when their data fingerprint was ffffffffffff" in result.stderr
+    assert "the pipeline's trials would mix the two" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_rejects_other_jets(tmp_path, jets_path):
+    url = register_on_sqlite(tmp_path, "smoke", data_path=str(tmp_path / "moved.hdf5"))
+
+    result = CliRunner().invoke(app, ["run", "--storage", url, "--data", jets_path, "--data-dir", str(tmp_path)])
+
+    assert result.exit_code == 1, result.output
+    assert f"but this run would use {jets_path}" in result.stderr
+    assert f"Resume with --data {tmp_path / 'moved.hdf5'}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_needs_profile_among_several(tmp_path):
+    register_on_sqlite(tmp_path, "smoke", families=["nf"])
+    url = register_on_sqlite(tmp_path, "quick", families=["convae-gen"])
+
+    result = CliRunner().invoke(app, ["run", "--storage", url, "--data-dir", str(tmp_path)])
+
+    assert result.exit_code == 1, result.output
+    assert "holds the pipelines quick, smoke. Pass --profile" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_generated_jets_never_rewritten(tmp_path):
+    import h5py
+
+    from hpo.workers import prepare_jets
+
+    smaller = tmp_path / "pythia" / "jets.hdf5"
+    smaller.parent.mkdir()
+    with h5py.File(smaller, "w") as jets_file:
+        jets_file.attrs["n_jets"] = 3
+    before = smaller.read_bytes()
+
+    path = prepare_jets(None, tmp_path, 8, "test")
+
+    assert path == (tmp_path / "pythia" / "8-jets" / "jets.hdf5").resolve()
+    assert smaller.read_bytes() == before
+    assert prepare_jets(None, tmp_path, 8, "test") == path
+    assert prepare_jets(None, tmp_path, 3, "test") == smaller.resolve()
 
 
 def test_threaded_workers_share_budget_exactly(fresh_postgres_url, jets_path, tiny_files, tmp_path):
