@@ -32,6 +32,11 @@ worker's first trial, and the end spread the time from the end of the first work
 trial to the last trial's end. Both count in the time that throughput divides by. In the
 runs of ``bench/BENCHMARKS.md`` neither grew with the number of trials per worker.
 
+Each worker also logs when it asked for the budget lock (``hpo.pipeline.budget_lock``),
+got it and released it. The third table gives, for the first ask of each worker, the
+spread of the asks and of the lock grants and how long the lock was held, and the median
+hold of the later asks.
+
 Run from the repository root::
 
     python -m bench.workers                                  # N = 1, 2, 4, 8: about 3 minutes
@@ -41,7 +46,9 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import json
 import logging
 import os
 import sys
@@ -119,10 +126,20 @@ class SleepWorker(Worker):
         Other arguments: see ``hpo.workers.Worker``.
     """
 
-    def __init__(self, settings, pipelines, index: int, threads: int, sleep_s: float, variant: str = "jethpo") -> None:
+    def __init__(
+        self,
+        settings,
+        pipelines,
+        index: int,
+        threads: int,
+        sleep_s: float,
+        variant: str = "jethpo",
+        lock_log: str | None = None,
+    ) -> None:
         super().__init__(settings, pipelines, index, threads)
         self.sleep_s = sleep_s
         self.variant = variant
+        self.lock_log = lock_log
 
     def ready(self) -> dict[str, Any]:
         """Import what the worker loop imports; return the process id and its resident and unique memory in MiB."""
@@ -145,6 +162,8 @@ class SleepWorker(Worker):
         from bench.orchestration import earlier_trial_path, optuna_reads, per_call_writes
 
         hpo.objectives.train_params = functools.partial(sleep_train_params, sleep_s=self.sleep_s)
+        if self.lock_log is not None:
+            _time_budget_lock(Path(self.lock_log) / f"worker-{self.index}.jsonl")
         if self.variant in ("jethpo", "cold-imports"):
             return super().run()
         with optuna_reads():
@@ -155,6 +174,50 @@ class SleepWorker(Worker):
                     return super().run()
                 with per_call_writes(self):
                     return super().run()
+
+
+def _time_budget_lock(log: Path) -> None:
+    """Make this process's workers append when they asked for the budget lock, got it and let it go to ``log``."""
+    import hpo.workers
+
+    locked = hpo.workers.budget_lock
+
+    @contextlib.contextmanager
+    def timed(storage, study_name):
+        asked = time.time()
+        got = None
+        try:
+            with locked(storage, study_name) as connection:
+                got = time.time()
+                yield connection
+        finally:
+            # written once the lock is released, so the hold does not include the write
+            if got is not None:
+                with open(log, "a") as output:
+                    output.write(json.dumps([asked, got, time.time()]) + "\n")
+
+    hpo.workers.budget_lock = timed
+
+
+def _lock_statistics(folder: Path) -> dict[str, float]:
+    """Summarise the budget-lock times of the first ask of each worker and of the later asks, in seconds."""
+    first, later = [], []
+    for log in folder.glob("worker-*.jsonl"):
+        entries = [json.loads(line) for line in log.read_text().splitlines()]
+        first.append(entries[0])
+        later.extend(entries[1:])
+    if not first:
+        return {}
+    first_holds = sorted(released - got for _, got, released in first)
+    later_holds = sorted(released - got for _, got, released in later) or [float("nan")]
+    return {
+        "first_ask_spread_s": max(asked for asked, _, _ in first) - min(asked for asked, _, _ in first),
+        "first_lock_spread_s": max(got for _, got, _ in first) - min(got for _, got, _ in first),
+        "first_hold_median_s": first_holds[len(first_holds) // 2],
+        "first_hold_max_s": first_holds[-1],
+        "first_hold_sum_s": sum(first_holds),
+        "later_hold_median_s": later_holds[len(later_holds) // 2],
+    }
 
 
 def _read_trials(url: str, study_name: str, state: TrialState) -> list[optuna.trial.FrozenTrial]:
@@ -240,7 +303,7 @@ def measure(count: int, args: argparse.Namespace, path: Path, variant: str) -> d
         actor_class = ray.remote(SleepWorker)
         actors = [
             actor_class.options(num_cpus=args.cpus_per_worker, max_restarts=0).remote(
-                settings, [profile.name], index, 1, args.sleep, variant
+                settings, [profile.name], index, 1, args.sleep, variant, folder
             )
             for index in range(count)
         ]
@@ -284,6 +347,7 @@ def measure(count: int, args: argparse.Namespace, path: Path, variant: str) -> d
             )
 
         times = _trial_times(url, study_name)
+        lock = _lock_statistics(Path(folder))
 
     first_start = min(start for start, _, _ in times)
     last_end = max(end for _, end, _ in times)
@@ -314,6 +378,7 @@ def measure(count: int, args: argparse.Namespace, path: Path, variant: str) -> d
         "first_trial_after_dispatch_s": sorted(start - dispatched for start in first_starts),
         "workers_that_ran_trials": len(per_worker),
         "start_up_s": start_up_s,
+        **lock,
         "worker_rss_mib_median": sorted(item["rss_mib"] for item in readiness)[len(readiness) // 2],
         "worker_uss_mib_median": sorted(item["uss_mib"] for item in readiness)[len(readiness) // 2],
     }
@@ -377,6 +442,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows,
         ["workers", "variant", "cpu_ms_per_trial_workers", "cpu_ms_per_trial_postgres", "cpu_ms_per_trial_ray", "cpu_ms_per_trial_controller"],
         title="CPU time per trial by process group (user + system)",
+    )
+    print_table(
+        rows,
+        ["workers", "variant", "first_ask_spread_s", "first_lock_spread_s", "first_hold_median_s", "first_hold_max_s", "first_hold_sum_s", "later_hold_median_s"],
+        title="Budget lock: the first ask of each worker, and the later asks",
     )
     payload = {"settings": vars(args), "rows": rows, "targets": {"min_efficiency_at_32": 0.9}}
     write_results(args.output, payload)
