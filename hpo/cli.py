@@ -587,7 +587,7 @@ GracePeriodOption = Annotated[
 
 
 @contextmanager
-def _exit_on_run_errors(storage_url: str) -> Iterator[None]:
+def _exit_on_run_errors(storage_url: str | None) -> Iterator[None]:
     """Turn run errors into one stderr line and exit 1, and Ctrl-C into exit 130."""
     from hpo.workers import RunError
     from models.generate import GenerationError
@@ -771,14 +771,20 @@ def run_command(
     import sys
 
     from hpo.spaces import load_profile
-    from hpo.workers import run_pipeline
+    from hpo.workers import existing_data_path, run_pipeline
     from storage.artifacts import resolve_artifact_dir
+
+    # checked before the storage is opened, which creates its tables
+    with _exit_on_run_errors(storage):
+        if data is not None:
+            existing_data_path(data)
+        chosen = load_profile(profile) if profile is not None else None
 
     url = _storage_url(storage, data_dir)
     _warn_sqlite_on_cluster(url, address)
     with _exit_on_run_errors(url):
         settings = _worker_settings(url, heartbeat_interval, grace_period)
-        loaded_profile = load_profile(profile if profile is not None else _profile_to_run(url))
+        loaded_profile = chosen if chosen is not None else load_profile(_profile_to_run(url))
         outcome = run_pipeline(
             settings,
             loaded_profile,

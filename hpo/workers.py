@@ -1244,6 +1244,14 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def existing_data_path(data: str) -> Path:
+    """Return the ``--data`` path made absolute, or raise RunError when it does not exist."""
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise RunError(f"Jets file {str(path)!r} not found. Pass an existing file or directory with --data.")
+    return path.resolve()
+
+
 def prepare_jets(data: str | None, data_dir: Path, n_jets: int | None, profile_name: str) -> Path:
     """Return the jets file to use, generating Pythia jets into the data directory if none is given.
 
@@ -1264,10 +1272,7 @@ def prepare_jets(data: str | None, data_dir: Path, n_jets: int | None, profile_n
             reads all jets of a file.
     """
     if data is not None:
-        path = Path(data).expanduser()
-        if not path.exists():
-            raise RunError(f"Jets file {str(path)!r} not found. Pass an existing file or directory with --data.")
-        return path.resolve()
+        return existing_data_path(data)
 
     if n_jets is None:
         raise RunError(

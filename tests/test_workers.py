@@ -452,6 +452,18 @@ def register_on_sqlite(tmp_path, profile: str, families=None, data_path=None) ->
     return url
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [(["--data", "/no/such/jets.hdf5"], "not found"), (["--profile", "smok"], "unknown profile")],
+)
+def test_run_rejects_input_before_storage(tmp_path, arguments, message):
+    result = CliRunner().invoke(app, ["run", "--data-dir", str(tmp_path / "data"), *arguments], env={"JETHPO_STORAGE": ""})
+
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_run_rejects_other_profile_studies(tmp_path):
     url = register_on_sqlite(tmp_path, "smoke")
 
