@@ -32,7 +32,7 @@ worker's first trial, and the end spread the time from the end of the first work
 trial to the last trial's end. Both count in the time that throughput divides by. In the
 runs of ``bench/BENCHMARKS.md`` neither grew with the number of trials per worker.
 
-Each worker also logs when it asked for the budget lock (``hpo.pipeline.budget_lock``),
+Each worker also logs when it requested the budget lock (``hpo.pipeline.budget_lock``),
 got it and released it. The third table gives, for the first ask of each worker, the
 spread of the asks and of the lock grants and how long the lock was held, and the median
 hold of the later asks.
@@ -177,14 +177,14 @@ class SleepWorker(Worker):
 
 
 def _time_budget_lock(log: Path) -> None:
-    """Make this process's workers append when they asked for the budget lock, got it and let it go to ``log``."""
+    """Make this process's workers append to ``log`` when they requested the budget lock, got it and released it."""
     import hpo.workers
 
     locked = hpo.workers.budget_lock
 
     @contextlib.contextmanager
     def timed(storage, study_name):
-        asked = time.time()
+        requested = time.time()
         got = None
         try:
             with locked(storage, study_name) as connection:
@@ -194,7 +194,7 @@ def _time_budget_lock(log: Path) -> None:
             # written once the lock is released, so the hold does not include the write
             if got is not None:
                 with open(log, "a") as output:
-                    output.write(json.dumps([asked, got, time.time()]) + "\n")
+                    output.write(json.dumps([requested, got, time.time()]) + "\n")
 
     hpo.workers.budget_lock = timed
 
@@ -211,7 +211,7 @@ def _lock_statistics(folder: Path) -> dict[str, float]:
     first_holds = sorted(released - got for _, got, released in first)
     later_holds = sorted(released - got for _, got, released in later) or [float("nan")]
     return {
-        "first_ask_spread_s": max(asked for asked, _, _ in first) - min(asked for asked, _, _ in first),
+        "first_ask_spread_s": max(requested for requested, _, _ in first) - min(requested for requested, _, _ in first),
         "first_lock_spread_s": max(got for _, got, _ in first) - min(got for _, got, _ in first),
         "first_hold_median_s": first_holds[len(first_holds) // 2],
         "first_hold_max_s": first_holds[-1],

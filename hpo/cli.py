@@ -703,11 +703,11 @@ def _profile_to_run(url: str) -> str:
         return "quick"
     if len(names) > 1:
         raise RunError(
-            f"{_masked(url)} holds the pipelines {', '.join(names)}. Pass --profile with the one to run."
+            f"{_masked(url)} contains the pipelines {', '.join(names)}. Pass --profile with the one to run."
         )
     if names[0] not in builtin_profiles():
         raise RunError(
-            f"{_masked(url)} holds pipeline {names[0]!r} of a profile file. Pass --profile with the path of that file."
+            f"{_masked(url)} contains pipeline {names[0]!r} of a profile file. Pass --profile with the path of that file."
         )
     logger.info("No --profile given: resuming pipeline %s, the one in %s", names[0], _masked(url))
     return names[0]

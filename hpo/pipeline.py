@@ -814,7 +814,7 @@ def registered_run(storage: optuna.storages.RDBStorage, pipeline: str) -> dict[s
     """Return the :data:`RUN_ATTR` that a pipeline's last run stored, or None before its first run.
 
     Every search study of a pipeline gets the same run information at registration, so
-    the first one found stands for all.
+    the first one found represents all.
     """
     names = [row.study_name for row in stage_table.get_stages(storage.engine, pipeline) if row.study_name]
     for attrs in read_study_user_attrs(storage, names).values():

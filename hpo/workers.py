@@ -1377,7 +1377,7 @@ def run_pipeline(
         return _final_outcome(storage, [plan.name])
     registered = stages.registered_run(storage, plan.name) if existing else None
     if data is None and registered is not None and Path(registered["data_path"]).exists():
-        # a resumed pipeline keeps its jets, even where generated jets of another profile sit now
+        # a resumed pipeline keeps its jets, even when the data directory now has other generated jets
         data = registered["data_path"]
     path = prepare_jets(data, data_dir, profile.n_jets, profile.name)
     if artifact_dir is None:
@@ -1413,21 +1413,21 @@ def run_pipeline(
 
 def _reject_other_jets(pipeline: str, storage_url: str, registered: Mapping[str, Any], path: Path, fingerprint: str) -> None:
     before = str(registered["data_fingerprint"])[:12]
-    start = f"Pipeline {pipeline} in {mask_password(storage_url)} was registered with the jets of {registered['data_path']}"
+    prefix = f"Pipeline {pipeline} in {mask_password(storage_url)} was registered with the jets of {registered['data_path']}"
     if Path(registered["data_path"]) == path:
         raise RunError(
-            f"{start} when their data fingerprint was {before}. It is {fingerprint[:12]} now, so the file "
+            f"{prefix} when their data fingerprint was {before}. It is {fingerprint[:12]} now, so the file "
             f"changed, and the pipeline's trials would mix the two. Restore the file, or run on another storage."
         )
     raise RunError(
-        f"{start} (data fingerprint {before}), but this run would use {path} (data fingerprint "
+        f"{prefix} (data fingerprint {before}), but this run would use {path} (data fingerprint "
         f"{fingerprint[:12]}), and the pipeline's trials would mix the two. Resume with --data "
         f"{registered['data_path']}, or run on another storage."
     )
 
 
 def _check_one_pipeline(storage: optuna.storages.RDBStorage, plan: stages.PipelinePlan, storage_url: str) -> None:
-    """Raise RunError when the storage holds the pipeline of another profile.
+    """Raise RunError when the storage contains the pipeline of another profile.
 
     Study names do not contain the profile, so two profiles on one storage would share
     the studies of every family they both run, including a search space added later.
@@ -1443,7 +1443,7 @@ def _check_one_pipeline(storage: optuna.storages.RDBStorage, plan: stages.Pipeli
     else:
         owner = others[0]
         reason = (
-            f"{where} holds the pipeline of profile {owner!r}, and one storage holds the pipeline of one profile, "
+            f"{where} contains the pipeline of profile {owner!r}, and one storage can contain the pipeline of one profile only, "
             f"because every profile uses the same study names"
         )
     raise RunError(

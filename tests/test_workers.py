@@ -436,7 +436,7 @@ def test_run_rejects_invalid_input(tmp_path, arguments, message):
 
 
 def register_on_sqlite(tmp_path, profile: str, families=None, data_path=None) -> str:
-    """Register a profile's pipeline in the SQLite storage of ``tmp_path`` under a fake data fingerprint; return its URL."""
+    """Register a profile's pipeline in the SQLite storage of ``tmp_path`` under a fake data fingerprint, and return the URL."""
     from hpo.studies import load_spaces
 
     url = f"sqlite:///{tmp_path / 'jethpo.db'}"
@@ -486,7 +486,7 @@ def test_run_rejects_second_pipeline(tmp_path):
     )
 
     assert result.exit_code == 1, result.output
-    assert "holds the pipeline of profile 'smoke'" in result.stderr
+    assert "contains the pipeline of profile 'smoke'" in result.stderr
     assert "--profile smoke" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "pythia").exists()
@@ -524,7 +524,7 @@ def test_run_needs_profile_among_several(tmp_path):
     result = CliRunner().invoke(app, ["run", "--storage", url, "--data-dir", str(tmp_path)])
 
     assert result.exit_code == 1, result.output
-    assert "holds the pipelines quick, smoke. Pass --profile" in result.stderr
+    assert "contains the pipelines quick, smoke. Pass --profile" in result.stderr
     assert "Traceback" not in result.stderr
 
 
