@@ -165,6 +165,25 @@ class TrialData:
     device: str
 
 
+class TooFewJetsError(JetDataError):
+    """A jets file that contains fewer jets than requested.
+
+    Attributes:
+        path: The file.
+        available: Jets in the file.
+        requested: The ``n_jets`` requested.
+    """
+
+    def __init__(self, path: str, available: int, requested: int) -> None:
+        super().__init__(
+            f"{path}: contains {available} jets, but n_jets={requested} were requested. "
+            f"Pass n_jets of at most {available}, or make more jets with `jethpo data generate`."
+        )
+        self.path = path
+        self.available = available
+        self.requested = requested
+
+
 def prepare_data(
     path: str | os.PathLike[str],
     *,
@@ -209,10 +228,7 @@ def prepare_data(
                 f"so that every split gets a jet. Pass a larger n_jets, or none to use all jets."
             )
         if n_jets > n_available:
-            raise JetDataError(
-                f"{data.path}: contains {n_available} jets, but n_jets={n_jets} were requested. "
-                f"Pass n_jets of at most {n_available}, or make more jets with `jethpo data generate`."
-            )
+            raise TooFewJetsError(data.path, n_available, n_jets)
         used = data.subset(np.arange(n_jets)) if n_jets < n_available else data
     else:
         used = data

@@ -43,7 +43,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import sqlalchemy.exc
@@ -56,6 +56,9 @@ from hpo.steps import StepRunner, claimable_steps
 from storage import pipeline as stage_table
 from storage import open_storage, set_trial_user_attrs
 from storage.urls import StorageError, describe_database_error, mask_password
+
+if TYPE_CHECKING:
+    from hpo.objectives import TooFewJetsError
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",
@@ -1359,6 +1362,7 @@ def run_pipeline(
         KeyboardInterrupt: on Ctrl-C or SIGTERM, after the workers were stopped and the
             steps and RUNNING trials they held were handed back to the storage.
     """
+    from hpo.objectives import TooFewJetsError
     from hpo.progress import LiveView, PipelineMonitor
     from hpo.studies import load_spaces
 
@@ -1384,7 +1388,10 @@ def run_pipeline(
         from storage.artifacts import resolve_artifact_dir
 
         artifact_dir = resolve_artifact_dir(None, data_dir)
-    run_info = _run_info(path, profile.n_jets, artifact_dir)
+    try:
+        run_info = _run_info(path, profile.n_jets, artifact_dir)
+    except TooFewJetsError as error:
+        _reject_too_few_jets(error, profile.name, plan.name, registered)
     if registered is not None and registered.get("data_fingerprint") not in (None, run_info["data_fingerprint"]):
         _reject_other_jets(plan.name, settings.storage_url, registered, path, run_info["data_fingerprint"])
     stages.register_pipeline(storage, plan, run_info)
@@ -1409,6 +1416,19 @@ def run_pipeline(
         monitor=PipelineMonitor(log_trials=not live),
         log_to_driver=log_to_driver,
     )
+
+
+def _reject_too_few_jets(error: TooFewJetsError, profile_name: str, pipeline: str, registered: Mapping[str, Any] | None) -> None:
+    message = (
+        f"Jets file {error.path} contains {error.available} jets, but profile {profile_name!r} uses "
+        f"{error.requested}. Pass --data with at least {error.requested} jets, or a profile file with a smaller n_jets."
+    )
+    if registered is not None and Path(registered["data_path"]) != Path(error.path):
+        message += (
+            f" Pipeline {pipeline} was registered with the jets of {registered['data_path']}: resume with "
+            f"--data {registered['data_path']}, or leave --data out."
+        )
+    raise RunError(message) from None
 
 
 def _reject_other_jets(pipeline: str, storage_url: str, registered: Mapping[str, Any], path: Path, fingerprint: str) -> None:

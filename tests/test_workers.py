@@ -517,6 +517,29 @@ def test_run_rejects_other_jets(tmp_path, jets_path):
     assert "Traceback" not in result.stderr
 
 
+def test_run_rejects_too_few_jets(tmp_path, jets_path):
+    result = CliRunner().invoke(
+        app, ["run", "--profile", "quick", "--data", jets_path, "--storage", f"sqlite:///{tmp_path / 'jethpo.db'}"]
+    )
+
+    assert result.exit_code == 1, result.output
+    assert f"Jets file {jets_path} contains 600 jets, but profile 'quick' uses 3000." in result.stderr
+    assert "Pass --data with at least 3000 jets" in result.stderr
+    assert "n_jets=" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_rejects_too_few_jets(tmp_path, jets_path):
+    url = register_on_sqlite(tmp_path, "quick", data_path=str(tmp_path / "registered.hdf5"))
+
+    result = CliRunner().invoke(app, ["run", "--data", jets_path, "--storage", url, "--data-dir", str(tmp_path)])
+
+    assert result.exit_code == 1, result.output
+    assert "contains 600 jets, but profile 'quick' uses 3000" in result.stderr
+    assert f"resume with --data {tmp_path / 'registered.hdf5'}, or leave --data out" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_run_needs_profile_among_several(tmp_path):
     register_on_sqlite(tmp_path, "smoke", families=["nf"])
     url = register_on_sqlite(tmp_path, "quick", families=["convae-gen"])
