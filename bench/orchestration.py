@@ -15,9 +15,8 @@ number of finished trials in their study:
 
 Three more cases measure the fixes side by side with the code before them, each undone inside
 this process on a worker of its own: ``jethpo_before_third`` is the path before the third
-fix (:func:`optuna_reads`: Optuna's read of WAITING trials in every ``ask``, the budget lock
-over Optuna's whole ``ask`` as before the fourth fix, and the public ``Study.tell``),
-``jethpo_earlier`` the path before the second fix as well
+fix (:func:`optuna_reads`: Optuna's read of WAITING trials in every ``ask`` and the public
+``Study.tell``), ``jethpo_earlier`` the path before the second fix as well
 (:func:`earlier_trial_path`: the worker's connection pool, the budget count, the search
 spaces read per step and the attribute writes), and ``jethpo_per_call_writes`` the path
 before all three (:func:`per_call_writes` as well: one transaction per user attribute, two
@@ -38,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import functools
 import io
 import json
 import logging
@@ -197,53 +195,6 @@ def fill_study(study: optuna.Study, storage: optuna.storages.RDBStorage, target:
     return time.perf_counter() - started
 
 
-def _ask_holding_lock(study: Any, fixed_distributions: Any = None, *, waiting_read: bool = False) -> optuna.Trial:
-    """Run ``hpo.workers._WorkerStudy.ask`` as it ran before the fourth fix, with the lock over Optuna's whole ``ask``.
-
-    With ``waiting_read``, Optuna looks for a WAITING trial in every ask, as before the third fix.
-    """
-    import hpo.workers
-    from hpo.pipeline import BudgetExhausted, count_study_trials
-
-    with hpo.workers.budget_lock(study._rdb, study.study_name) as locked:
-        if locked is None:
-            with study._rdb.engine.connect() as connection:
-                counts = count_study_trials(connection, study._study_id)
-        else:
-            counts = count_study_trials(locked, study._study_id)
-        if not counts.has_budget(study.n_trials):
-            raise BudgetExhausted(f"study {study.study_name} has no budget left")
-
-        trial_id = None
-        if waiting_read or counts.waiting:
-            trial_id = optuna.Study._pop_waiting_trial_id(study)
-        if trial_id is None:
-            trial_id = study._storage.create_new_trial(study._study_id)
-        study._claimed_trial_id = trial_id
-        try:
-            return optuna.Study.ask(study, fixed_distributions)
-        finally:
-            study._claimed_trial_id = None
-
-
-@contextlib.contextmanager
-def lock_through_ask() -> Iterator[None]:
-    """Run the jethpo path as it ran before the fourth fix, for the block.
-
-    The change measured against this case, undone here inside this process: ``ask`` now
-    releases the budget lock once the trial exists, before Optuna reads the trial back
-    (``hpo.workers._WorkerStudy.ask``). Before, the lock spanned that read.
-    """
-    import hpo.workers
-
-    saved = hpo.workers._WorkerStudy.ask
-    hpo.workers._WorkerStudy.ask = _ask_holding_lock
-    try:
-        yield
-    finally:
-        hpo.workers._WorkerStudy.ask = saved
-
-
 @contextlib.contextmanager
 def optuna_reads() -> Iterator[None]:
     """Run the jethpo path as it ran before the third fix, for the block.
@@ -251,21 +202,21 @@ def optuna_reads() -> Iterator[None]:
     The changes measured against this case, each undone here inside this process:
 
     - ``ask``: Optuna reads the study's unfinished and newly finished trials to look for a
-      WAITING one, although the budget count under the lock found none, and the lock spans
-      Optuna's whole ``ask``, as before the fourth fix (``hpo.workers._WorkerStudy.ask``);
+      WAITING one, although the budget count under the lock found none
+      (``hpo.workers._WorkerStudy._pop_waiting_trial_id``);
     - the tell: the public ``Study.tell``, which reads the trial again after the update,
       instead of the function that ``Study.optimize`` calls (``hpo.objectives._tell``).
     """
     import hpo.objectives
     import hpo.workers
 
-    saved = (hpo.workers._WorkerStudy.ask, hpo.objectives._tell_with_warning)
-    hpo.workers._WorkerStudy.ask = functools.partialmethod(_ask_holding_lock, waiting_read=True)
+    saved = (hpo.workers._WorkerStudy._pop_waiting_trial_id, hpo.objectives._tell_with_warning)
+    hpo.workers._WorkerStudy._pop_waiting_trial_id = optuna.Study._pop_waiting_trial_id
     hpo.objectives._tell_with_warning = None
     try:
         yield
     finally:
-        hpo.workers._WorkerStudy.ask, hpo.objectives._tell_with_warning = saved
+        hpo.workers._WorkerStudy._pop_waiting_trial_id, hpo.objectives._tell_with_warning = saved
 
 
 @contextlib.contextmanager

@@ -16,10 +16,9 @@ alembic to the first storage opening inside the timed run, as the code before th
 variant did.
 
 Each worker count runs once per variant (``--variants``): jethpo as it is (``jethpo``), with
-the storage libraries imported inside the timed run (``cold-imports``), with the budget lock
-held over Optuna's whole ``ask`` as before the fourth fix (``before-fourth``:
-``bench.orchestration.lock_through_ask``), as before the third fix of ``bench.orchestration``
-as well (``before-third``: ``bench.orchestration.optuna_reads`` in every worker), as before the second fix as well
+the storage libraries imported inside the timed run (``cold-imports``), as
+before the third fix of ``bench.orchestration`` (``before-third``:
+``bench.orchestration.optuna_reads`` in every worker), as before the second fix as well
 (``earlier``: ``bench.orchestration.earlier_trial_path`` too), and as before all three
 (``per-call-writes``: ``bench.orchestration.per_call_writes`` as well). CPU time per trial is summed by process
 group (workers, PostgreSQL, Ray, this controller) with psutil.
@@ -122,7 +121,7 @@ class SleepWorker(Worker):
 
     Args:
         sleep_s: Seconds each trial sleeps.
-        variant: ``jethpo``, ``cold-imports``, ``before-fourth``, ``before-third``, ``earlier`` or ``per-call-writes`` (see the
+        variant: ``jethpo``, ``cold-imports``, ``before-third``, ``earlier`` or ``per-call-writes`` (see the
             module docstring).
         Other arguments: see ``hpo.workers.Worker``.
     """
@@ -160,16 +159,13 @@ class SleepWorker(Worker):
     def run(self) -> dict[str, Any]:
         import hpo.objectives
 
-        from bench.orchestration import earlier_trial_path, lock_through_ask, optuna_reads, per_call_writes
+        from bench.orchestration import earlier_trial_path, optuna_reads, per_call_writes
 
         hpo.objectives.train_params = functools.partial(sleep_train_params, sleep_s=self.sleep_s)
         if self.lock_log is not None:
             _time_budget_lock(Path(self.lock_log) / f"worker-{self.index}.jsonl")
         if self.variant in ("jethpo", "cold-imports"):
             return super().run()
-        if self.variant == "before-fourth":
-            with lock_through_ask():
-                return super().run()
         with optuna_reads():
             if self.variant == "before-third":
                 return super().run()
@@ -399,9 +395,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--variants",
         nargs="+",
-        choices=("jethpo", "cold-imports", "before-fourth", "before-third", "earlier", "per-call-writes"),
+        choices=("jethpo", "cold-imports", "before-third", "earlier", "per-call-writes"),
         default=["jethpo", "before-third"],
-        help="jethpo as it is, with the storage libraries imported inside the timed run, and as before the fourth, the third, the second or all four fixes",
+        help="jethpo as it is, with the storage libraries imported inside the timed run, and as before the third, the second or all three fixes of bench.orchestration",
     )
     parser.add_argument("--output", default="workers", help="name of the result file under bench/results/")
     parser.add_argument("--timeout", type=positive_float, default=600, help="seconds one worker count may take")

@@ -236,12 +236,10 @@ class _WorkerStudy(optuna.Study):
     ``hpo.objectives.run_trial`` calls ``ask`` once per trial. Here ``ask`` takes the
     study's :func:`~hpo.pipeline.budget_lock`, counts the trials, and raises
     :class:`~hpo.pipeline.BudgetExhausted` instead of creating a trial when no budget is
-    left. Otherwise it creates the trial, or takes a WAITING one, and releases the lock
-    before Optuna reads the trial back. ``run_trial`` stores ``trial_attrs``, the worker's
-    identity, with its own attributes in one transaction, and records the first heartbeat
-    one interval after ``ask``. A worker that dies before that leaves a trial without a
-    heartbeat, which :func:`hpo.pipeline.fail_stale_trials` fails once it is older than the
-    grace period.
+    left. ``run_trial`` stores ``trial_attrs``, the worker's identity, with its own
+    attributes in one transaction, and records the first heartbeat one interval after
+    ``ask``. A worker that dies before that leaves a trial without a heartbeat, which
+    :func:`hpo.pipeline.fail_stale_trials` fails once it is older than the grace period.
     """
 
     def __init__(
@@ -256,7 +254,7 @@ class _WorkerStudy(optuna.Study):
         self._rdb = storage
         self.trial_attrs = dict(trial_attrs)
         self.n_trials = 0
-        self._claimed_trial_id: int | None = None
+        self._none_waiting = False
 
     def ask(self, fixed_distributions=None) -> optuna.Trial:
         with budget_lock(self._rdb, self.study_name) as locked:
@@ -269,37 +267,20 @@ class _WorkerStudy(optuna.Study):
                 raise BudgetExhausted(
                     f"study {self.study_name} has {counts.used} of {self.n_trials} trials counted and none WAITING"
                 )
-            # A trial enqueued after this count waits for the next ask, like one enqueued after
-            # the ask. Optuna's search for a WAITING trial reads every unfinished trial, so it
-            # runs only when the count found one.
-            trial_id = super()._pop_waiting_trial_id() if counts.waiting else None
-            if trial_id is None:
-                trial_id = self._storage.create_new_trial(self._study_id)
-
-        # The trial counts toward the budget once its row exists, so Optuna reads it back
-        # outside the lock. In a new process that read compiles its SQL statements first,
-        # and workers that start together would otherwise wait for each other's.
-        self._claimed_trial_id = trial_id
-        try:
-            trial = super().ask(fixed_distributions)
-        finally:
-            self._claimed_trial_id = None
-        if trial._trial_id != trial_id:
-            for made in (trial_id, trial._trial_id):
-                self._storage.set_trial_state_values(made, TrialState.FAIL)
-            raise RuntimeError(
-                f"Optuna {optuna.__version__} created trial {trial.number} of study {self.study_name} itself "
-                f"instead of taking the one that jethpo created under the budget lock, and both were failed. "
-                f"Install Optuna 5.0 or 5.1, whose Study.ask jethpo relies on."
-            )
-        return trial
+            # a trial enqueued after this count waits for the next ask, like one enqueued after the ask
+            self._none_waiting = counts.waiting == 0
+            try:
+                return super().ask(fixed_distributions)
+            finally:
+                self._none_waiting = False
 
     def _pop_waiting_trial_id(self) -> int | None:
-        # NOTE: overrides the private method with which Optuna's ``Study.ask`` (4.2 to 5.1)
-        # takes a WAITING trial before it would create one, to hand over the trial that
-        # ``ask`` created or took under the budget lock. ``ask`` checks that it was used.
-        if self._claimed_trial_id is not None:
-            return self._claimed_trial_id
+        # NOTE: overrides the private method with which Optuna 5's ``Study.ask`` looks for a
+        # WAITING trial, reading every unfinished trial and every trial finished since the
+        # last read. That read is skipped when the count under the budget lock found none
+        # WAITING. Should Optuna stop calling this method, ``ask`` reads as before.
+        if self._none_waiting:
+            return None
         return super()._pop_waiting_trial_id()
 
 
