@@ -33,9 +33,9 @@ trial to the last trial's end. Both count in the time that throughput divides by
 runs of ``bench/BENCHMARKS.md`` neither grew with the number of trials per worker.
 
 Each worker also logs when it requested the budget lock (``hpo.pipeline.budget_lock``),
-got it and released it. The third table gives, for the first ask of each worker, the
-spread of the asks and of the lock grants and how long the lock was held, and the median
-hold of the later asks.
+was granted it and released it. The third table gives, for the first ask call of each
+worker, the spread of those calls and of the lock grants and how long the lock was held,
+and the median hold of the later calls.
 
 Run from the repository root::
 
@@ -149,7 +149,7 @@ class SleepWorker(Worker):
         import hpo.objectives  # noqa: F401
 
         if self.variant != "cold-imports":
-            # about 0.2 s of CPU per process, the largest part of a worker's first step
+            # about 0.13 s of CPU per worker process on machine E (bench/BENCHMARKS.md, section 2)
             import alembic.migration  # noqa: F401
             import psycopg2  # noqa: F401
 
@@ -177,7 +177,7 @@ class SleepWorker(Worker):
 
 
 def _time_budget_lock(log: Path) -> None:
-    """Make this process's workers append to ``log`` when they requested the budget lock, got it and released it."""
+    """Make this process's workers append to ``log`` when they requested the budget lock, were granted it and released it."""
     import hpo.workers
 
     locked = hpo.workers.budget_lock
@@ -185,22 +185,22 @@ def _time_budget_lock(log: Path) -> None:
     @contextlib.contextmanager
     def timed(storage, study_name):
         requested = time.time()
-        got = None
+        granted = None
         try:
             with locked(storage, study_name) as connection:
-                got = time.time()
+                granted = time.time()
                 yield connection
         finally:
             # written once the lock is released, so the hold does not include the write
-            if got is not None:
+            if granted is not None:
                 with open(log, "a") as output:
-                    output.write(json.dumps([requested, got, time.time()]) + "\n")
+                    output.write(json.dumps([requested, granted, time.time()]) + "\n")
 
     hpo.workers.budget_lock = timed
 
 
 def _lock_statistics(folder: Path) -> dict[str, float]:
-    """Summarise the budget-lock times of the first ask of each worker and of the later asks, in seconds."""
+    """Summarise the budget-lock times of each worker's first ask call and of the later calls, in seconds."""
     first, later = [], []
     for log in folder.glob("worker-*.jsonl"):
         entries = [json.loads(line) for line in log.read_text().splitlines()]
@@ -208,11 +208,11 @@ def _lock_statistics(folder: Path) -> dict[str, float]:
         later.extend(entries[1:])
     if not first:
         return {}
-    first_holds = sorted(released - got for _, got, released in first)
-    later_holds = sorted(released - got for _, got, released in later) or [float("nan")]
+    first_holds = sorted(released - granted for _, granted, released in first)
+    later_holds = sorted(released - granted for _, granted, released in later) or [float("nan")]
     return {
         "first_ask_spread_s": max(requested for requested, _, _ in first) - min(requested for requested, _, _ in first),
-        "first_lock_spread_s": max(got for _, got, _ in first) - min(got for _, got, _ in first),
+        "first_lock_spread_s": max(granted for _, granted, _ in first) - min(granted for _, granted, _ in first),
         "first_hold_median_s": first_holds[len(first_holds) // 2],
         "first_hold_max_s": first_holds[-1],
         "first_hold_sum_s": sum(first_holds),
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(
         rows,
         ["workers", "variant", "first_ask_spread_s", "first_lock_spread_s", "first_hold_median_s", "first_hold_max_s", "first_hold_sum_s", "later_hold_median_s"],
-        title="Budget lock: the first ask of each worker, and the later asks",
+        title="Budget lock: the first ask call of each worker, and the later calls",
     )
     payload = {"settings": vars(args), "rows": rows, "targets": {"min_efficiency_at_32": 0.9}}
     write_results(args.output, payload)

@@ -816,7 +816,7 @@ def registered_run(storage: optuna.storages.RDBStorage, pipeline: str) -> dict[s
     Every search study of a pipeline gets the same run information at registration, so
     the first one found represents all.
     """
-    names = [row.study_name for row in stage_table.get_stages(storage.engine, pipeline) if row.study_name]
+    names = [row.study_name for row in stage_table.get_stages(storage.engine, pipeline)]
     for attrs in read_study_user_attrs(storage, names).values():
         run = attrs.get(RUN_ATTR)
         if isinstance(run, Mapping) and run.get("pipeline") == pipeline:

@@ -43,7 +43,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import optuna
 import sqlalchemy.exc
@@ -1418,7 +1418,7 @@ def run_pipeline(
     )
 
 
-def _reject_too_few_jets(error: TooFewJetsError, profile_name: str, pipeline: str, registered: Mapping[str, Any] | None) -> None:
+def _reject_too_few_jets(error: TooFewJetsError, profile_name: str, pipeline: str, registered: Mapping[str, Any] | None) -> NoReturn:
     message = (
         f"Jets file {error.path} contains {error.available} jets, but profile {profile_name!r} uses "
         f"{error.requested}. Pass --data with at least {error.requested} jets, or a profile file with a smaller n_jets."
@@ -1431,7 +1431,7 @@ def _reject_too_few_jets(error: TooFewJetsError, profile_name: str, pipeline: st
     raise RunError(message) from None
 
 
-def _reject_other_jets(pipeline: str, storage_url: str, registered: Mapping[str, Any], path: Path, fingerprint: str) -> None:
+def _reject_other_jets(pipeline: str, storage_url: str, registered: Mapping[str, Any], path: Path, fingerprint: str) -> NoReturn:
     before = str(registered["data_fingerprint"])[:12]
     prefix = f"Pipeline {pipeline} in {mask_password(storage_url)} was registered with the jets of {registered['data_path']}"
     if Path(registered["data_path"]) == path:

@@ -97,9 +97,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-# Ray picks its own ports at random from the ephemeral range upwards (node._get_unused_port),
-# and so does free_port(). Worker port blocks come from below that range, so neither can
-# land inside one, and no block is handed out twice in a test session.
+# Ray picks its own ports at random from the ephemeral range upwards (Node._get_unused_port
+# in Ray 2.60's ray/_private/node.py), and so does free_port(). Worker port blocks come from
+# below that range, so neither can land inside one, and no block is handed out twice in a
+# test session.
 WORKER_PORT_FLOOR = 10000
 _worker_port_blocks: set[int] = set()
 
