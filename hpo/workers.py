@@ -12,6 +12,10 @@ Ray restarts a worker whose process dies (``max_restarts=-1``) and calls ``run``
 grace period the next worker or controller that looks marks it FAIL, and the storage's retry
 callback queues a WAITING copy with the same parameters.
 
+Workers, and the Ray task of a retraining by hand, start with the malloc settings of
+:mod:`hpo.host_memory`, so training reuses the memory of its large tensors from step to
+step. A worker hands that memory back to the system after each trial.
+
 The controller (:func:`run_pipeline`, ``jethpo run``) registers the pipeline, starts Ray or
 joins a cluster, and starts the workers spread over the cluster's nodes. Then it reads the
 storage every few seconds. Each time, it starts and finishes stages
@@ -50,6 +54,7 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo import pipeline as stages
+from hpo.host_memory import TRAINING_MALLOC_ENV, release_freed_memory
 from hpo.pipeline import BudgetExhausted, StageRecord, budget_lock, count_study_trials
 from hpo.spaces import Profile, Resources
 from hpo.steps import StepRunner, claimable_steps
@@ -390,6 +395,8 @@ class Worker:
                 continue
             if step == "finished":
                 break
+            if step == "ran":
+                release_freed_memory()
             if step == "idle":
                 time.sleep(self.settings.poll_interval_s)
 
@@ -787,6 +794,7 @@ def start_workers(
             max_restarts=-1,
             max_task_retries=-1,
             scheduling_strategy=strategy,
+            runtime_env={"env_vars": TRAINING_MALLOC_ENV},
         ).remote(settings, list(pipelines), index, threads)
         workers.append((actor, actor.run.remote()))
     logger.info(
@@ -1620,6 +1628,7 @@ def run_step(settings: WorkerSettings, pipeline: str, step: str) -> dict[str, An
         return {"state": state.value, "output": output}
     finally:
         worker._storage.engine.dispose()
+        release_freed_memory()
 
 
 def retrain_by_hand(
@@ -1666,7 +1675,12 @@ def retrain_by_hand(
     import ray
 
     try:
-        task = ray.remote(run_step).options(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0)
+        task = ray.remote(run_step).options(
+            num_cpus=resources.cpus,
+            num_gpus=resources.gpus,
+            max_retries=0,
+            runtime_env={"env_vars": TRAINING_MALLOC_ENV},
+        )
         logger.info("Retraining %s of pipeline %s as a Ray task with %s", step, pipeline, _describe_resources(
             {"CPU": resources.cpus, "GPU": resources.gpus}))
         result = ray.get(task.remote(settings, pipeline, step))

@@ -39,6 +39,7 @@ from hpo.pipeline import advance_pipeline, count_trials, load_stage_records, pla
 from hpo.spaces import Resources, load_profile, parse_profile
 from hpo.studies import add_space
 from hpo.cli import app
+from hpo.host_memory import TRAINING_MALLOC_ENV
 from hpo.workers import Worker, WorkerSettings, default_worker_count, start_workers
 from storage import StageState, get_stages, open_storage
 
@@ -766,6 +767,11 @@ settings = WorkerSettings(sys.argv[1], heartbeat_interval=1, grace_period=4)
 pool = start_workers(4, Resources(cpus=0.5, gpus=0), settings, ["no-such-pipeline"])
 try:
     summaries = ray.get([ref for _, ref in pool.workers], timeout=180)
+    # the actors still live: read the environment that each process started with
+    for summary in summaries:
+        with open(f"/proc/{summary['pid']}/environ", "rb") as environ:
+            pairs = [item.decode().partition("=") for item in environ.read().split(b"\\0") if item]
+        summary["malloc_env"] = {key: value for key, _, value in pairs if key.startswith("MALLOC_")}
 finally:
     pool.kill()
 print(json.dumps(summaries))
@@ -786,6 +792,7 @@ def test_workers_start_at_once_on_empty_database(ray_cluster, ray_env, fresh_pos
     summaries = json.loads(finished.stdout.strip().splitlines()[-1])
     assert [summary["trials"] for summary in summaries] == [0, 0, 0, 0]
     assert len({summary["node_id"] for summary in summaries}) == 2
+    assert [summary["malloc_env"] for summary in summaries] == [TRAINING_MALLOC_ENV] * 4
     storage = open_storage(fresh_postgres_url)
     tables = set(sqlalchemy.inspect(storage.engine).get_table_names())
     storage.engine.dispose()
