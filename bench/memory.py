@@ -1,6 +1,7 @@
 """Peak memory of a worker process during a paper-size trial.
 
-Each case runs in a fresh Python process, as a Ray worker would: it prepares the jets with
+Each case runs in a fresh Python process, as a Ray worker would, once with the malloc settings
+of a worker (``hpo.host_memory.TRAINING_MALLOC_ENV``) and once with glibc's defaults. It prepares the jets with
 ``hpo.objectives.prepare_data`` and calls ``hpo.objectives.train_params`` for one epoch
 with batches of 100 jets, as the shipped ``paper`` profile sets. The epoch ends with the
 EMD_sum evaluation on the whole validation split. The parent samples the child's resident memory every 20 ms, and the
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS_DIR, add_device_argument, jets_file, print_table, write_results
+from hpo.host_memory import TRAINING_MALLOC_ENV
 
 __all__ = ["CASES", "main", "tiled_jets_file"]
 
@@ -123,7 +126,12 @@ def run_case(case: str, path: str, train_jets: int, device: str) -> dict[str, An
     return readings
 
 
-def measure(case: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+#: Environment of the child process in each malloc setting, on top of this process's own
+#: environment without its ``MALLOC_`` variables.
+MALLOC_SETTINGS = {"worker": TRAINING_MALLOC_ENV, "glibc defaults": {}}
+
+
+def measure(case: str, malloc: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Run one case in a child process and sample its resident memory from here."""
     import psutil
 
@@ -131,7 +139,10 @@ def measure(case: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
         sys.executable, "-m", "bench.memory", "--child", case, "--jets", str(path),
         "--train-jets", str(args.train_jets), "--device", args.device,
     ]  # fmt: skip
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")} | MALLOC_SETTINGS[malloc]
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1], env=env
+    )
     handle = psutil.Process(child.pid)
     sampled_peak = 0.0
     while child.poll() is None:
@@ -144,7 +155,7 @@ def measure(case: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     if child.returncode != 0:
         raise RuntimeError(f"case {case!r} failed with exit code {child.returncode}; its output:\n{output}")
     readings = json.loads(output.strip().splitlines()[-1])
-    return {"case": case, "sampled_peak_rss_mib": sampled_peak, **readings}
+    return {"case": case, "malloc": malloc, "sampled_peak_rss_mib": sampled_peak, **readings}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -154,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--paper-size", action="store_true", help=f"tile the jets up to the paper's {PAPER_JETS} jets")
     parser.add_argument("--train-jets", type=int, default=1000, help="training jets the trial iterates over")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="cases to run")
+    parser.add_argument(
+        "--malloc", nargs="+", choices=list(MALLOC_SETTINGS), default=list(MALLOC_SETTINGS), help="malloc settings to run each case with"
+    )
     parser.add_argument("--jets", default=None, help="jets file; default: generated Pythia jets")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -165,10 +179,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = jets_file(args.jets, 1500)
     if args.paper_size:
         path = tiled_jets_file(path, PAPER_JETS)
-    rows = [measure(case, path, args) for case in args.cases]
+    rows = [measure(case, malloc, path, args) for case in args.cases for malloc in args.malloc]
     print_table(
         rows,
-        ["case", "train_jets_in_memory", "validation_jets", "after_prepare_data_mib", "peak_rss_mib", "sampled_peak_rss_mib"],
+        ["case", "malloc", "train_jets_in_memory", "validation_jets", "after_prepare_data_mib", "peak_rss_mib", "sampled_peak_rss_mib"],
         title=f"Peak memory of one trial process on {args.device} (MiB)",
     )
     payload = {"settings": vars(args), "jets_file": str(path), "rows": rows}

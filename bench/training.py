@@ -3,16 +3,26 @@
 Each repeat trains each size for one epoch with ``models.training.train_convae`` (the loop
 that trials run, batches of 100 jets, Adam) on real jets, and measures the float32 matmul
 FLOP/s of the device. The measurements alternate, so a slow phase of a shared machine
-hits all of them. The last epoch of ``train_convae`` always evaluates EMD_sum, so the
-validation split is cut to ``--validation-jets`` jets to keep that cost small. The
-throughput counts the whole call.
+hits all of them.
 
-Every size also trains with ``torch.optim.Adam`` switched to ``fused=True`` inside the same
-interleaved run (:func:`fused_adam`), the before/after of the fix proposed for the largest
-cost that ``--profile`` shows. FLOPs per jet come from ``torch.utils.flop_counter.FlopCounterMode`` over one training
-step (forward, ``models.losses.convae_loss``, backward) of a batch of 100 jets. It counts
-matrix multiplications and convolutions, not elementwise operations or the Adam update.
-The achieved FLOP/s is FLOPs per jet times jets per second.
+Every size trains in three ways inside the same interleaved run, the before and after of two
+fixes: with Adam's per-tensor loop and glibc's default malloc settings (the code before
+both), with fused Adam (:func:`fused_adam`), and with fused Adam and the malloc settings of a
+worker process (:func:`worker_malloc`, the code now). Each epoch also counts the page faults
+of the process per training step.
+
+The last epoch of ``train_convae`` always evaluates EMD_sum and copies the best checkpoint,
+so the validation split is cut to ``--validation-jets`` jets to keep that cost small. Two
+throughputs are reported: that of the whole call (``jets_per_s``), and that of the training
+steps alone (``step_jets_per_s``): the call less the closing evaluation and checkpoint copy
+(:func:`timed_evaluation`). A paper trial evaluates once per 5 epochs of 124,076 jets, and
+this benchmark once per epoch of ``--jets-per-epoch`` jets.
+
+FLOPs per jet come from ``torch.utils.flop_counter.FlopCounterMode`` over one training step
+(forward, ``models.losses.convae_loss``, backward) of a batch of 100 jets. It counts matrix
+multiplications and convolutions, not elementwise operations, the Adam update or the
+evaluation. The achieved FLOP/s is FLOPs per jet times jets per second, and its fraction of
+the matmul rate is given for both throughputs.
 
 Sizes (Orzari et al., 2023, arXiv:2310.13138):
 
@@ -23,7 +33,7 @@ The activation is ReLU for both, because only the architecture sizes are given.
 
 Run from the repository root::
 
-    python -m bench.training                 # 2,100 training jets per epoch: about 4 minutes
+    python -m bench.training                 # 3 repeats of 2,100 training jets per epoch
     python -m bench.training --profile       # and a torch.profiler table of 20 training steps
     python -m bench.training --device cuda --jets-per-epoch 70000
 """
@@ -32,11 +42,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import functools
 import logging
 import math
+import platform
+import resource
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -148,16 +162,105 @@ def per_tensor_adam() -> Iterator[None]:
         torch.optim.Adam = original
 
 
-def train_one_epoch(size: str, data, train, validation) -> float:
-    """Train a fresh model of ``size`` for one epoch with ``train_convae`` and return the seconds."""
+# mallopt parameters and glibc's documented defaults (mallopt(3))
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+_DEFAULT_MMAP_MAX = 65536
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(None)
+
+
+@contextlib.contextmanager
+def worker_malloc() -> Iterator[None]:
+    """Give this process the malloc behaviour of a worker for the duration of the block.
+
+    A worker starts with ``hpo.host_memory.TRAINING_MALLOC_ENV``, which glibc reads only at
+    start-up, so the block sets the same parameters with ``mallopt``: no separate mappings,
+    and no trimming below 2 GiB, the largest threshold that ``mallopt`` takes. The arena limit
+    does not matter here, because the benchmark trains in the main thread. Afterwards the
+    block restores glibc's default values and hands the freed memory back. The mmap
+    threshold then stays where it was, because any ``mallopt`` call stops glibc from raising
+    it on its own. Other C libraries are left alone.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def timed_evaluation(device: torch.device) -> Iterator[list[float]]:
+    """Time the evaluations of ``train_convae`` and the bookkeeping that follows each.
+
+    Inside the block, ``models.training.evaluate_convae`` and ``_TrainingRun.record`` (which
+    copies the best checkpoint) add their seconds to the list that the block yields.
+    """
+    import time
+
+    import models.training
+
+    seconds: list[float] = []
+
+    def timed(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            synchronize(device)
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                synchronize(device)
+                seconds.append(time.perf_counter() - started)
+
+        return wrapper
+
+    evaluate, record = models.training.evaluate_convae, models.training._TrainingRun.record
+    models.training.evaluate_convae = timed(evaluate)
+    models.training._TrainingRun.record = timed(record)
+    try:
+        yield seconds
+    finally:
+        models.training.evaluate_convae = evaluate
+        models.training._TrainingRun.record = record
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """Timing of one epoch of ``train_convae``."""
+
+    seconds: float
+    evaluation_seconds: float
+    page_faults_per_step: float
+
+
+def train_one_epoch(size: str, data, train, validation) -> Epoch:
+    """Train a fresh model of ``size`` for one epoch with ``train_convae`` and time it."""
     import time
 
     model = _model(size, train.device)
     synchronize(train.device)
-    started = time.perf_counter()
-    _train_epoch(size, model, data, train, validation)
-    synchronize(train.device)
-    return time.perf_counter() - started
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with timed_evaluation(train.device) as evaluation_seconds:
+        started = time.perf_counter()
+        _train_epoch(size, model, data, train, validation)
+        synchronize(train.device)
+        seconds = time.perf_counter() - started
+    steps = math.ceil(len(train) / BATCH_SIZE)
+    return Epoch(seconds, sum(evaluation_seconds), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps)
 
 
 def _train_epoch(size: str, model, data, train, validation) -> None:
@@ -218,18 +321,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_one_epoch(size, data, train[: 2 * BATCH_SIZE], validation)
     matmul_flops_per_s(device, args.matmul_size, 0.5)
 
-    def epoch_with_fused_adam(size: str) -> float:
-        with fused_adam():
-            return len(train) / train_one_epoch(size, data, train, validation)
+    epochs: dict[str, list[Epoch]] = {}
 
-    def epoch_with_per_tensor_adam(size: str) -> float:
-        with per_tensor_adam():
-            return len(train) / train_one_epoch(size, data, train, validation)
+    def epoch(case: str, size: str, adam, malloc) -> float:
+        with adam(), malloc():
+            # untimed: a trial's first step grows the heap once, and its epochs reuse it
+            train_one_epoch(size, data, train[: 2 * BATCH_SIZE], validation)
+            timing = train_one_epoch(size, data, train, validation)
+        epochs.setdefault(case, []).append(timing)
+        return len(train) / timing.seconds
 
+    variants = {
+        "": (per_tensor_adam, contextlib.nullcontext),
+        ", fused Adam": (fused_adam, contextlib.nullcontext),
+        ", fused Adam, worker malloc": (fused_adam, worker_malloc),
+    }
     cases = {"matmul": lambda: matmul_flops_per_s(device, args.matmul_size)}
     for size in SIZES:
-        cases[size] = lambda size=size: epoch_with_per_tensor_adam(size)
-        cases[f"{size}, fused Adam"] = lambda size=size: epoch_with_fused_adam(size)
+        for suffix, (adam, malloc) in variants.items():
+            case = size + suffix
+            cases[case] = functools.partial(epoch, case, size, adam, malloc)
     values = interleave(cases, args.repeats)
     ceiling = median(values["matmul"])
 
@@ -238,26 +349,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if case == "matmul":
             continue
         size = case.split(",")[0]
-        jets_per_s = median(values[case])
-        achieved = jets_per_s * flops[size]["training_flops_per_jet"]
+        flops_per_jet = flops[size]["training_flops_per_jet"]
+        timings = epochs[case]
+        step_jets_per_s = [len(train) / (timing.seconds - timing.evaluation_seconds) for timing in timings]
         # each round's epoch against the matmul ceiling of the same round, because the load
         # of a shared machine drifts between rounds
-        round_fractions = [
-            jets * flops[size]["training_flops_per_jet"] / matmul for jets, matmul in zip(values[case], values["matmul"])
-        ]
+        round_fractions = [jets * flops_per_jet / matmul for jets, matmul in zip(values[case], values["matmul"])]
+        step_fractions = [jets * flops_per_jet / matmul for jets, matmul in zip(step_jets_per_s, values["matmul"])]
         rows.append(
             {
                 "size": case,
-                "jets_per_s": jets_per_s,
+                "jets_per_s": median(values[case]),
                 "epoch_jets_per_s_runs": values[case],
+                "step_jets_per_s": median(step_jets_per_s),
+                "step_jets_per_s_runs": step_jets_per_s,
+                "evaluation_s": median([timing.evaluation_seconds for timing in timings]),
+                "page_faults_per_step": median([timing.page_faults_per_step for timing in timings]),
+                "page_faults_per_step_runs": [timing.page_faults_per_step for timing in timings],
                 "parameters": flops[size]["parameters"],
-                "training_mflop_per_jet": flops[size]["training_flops_per_jet"] / 1e6,
+                "training_mflop_per_jet": flops_per_jet / 1e6,
                 "forward_mflop_per_jet": flops[size]["forward_flops_per_jet"] / 1e6,
-                "achieved_gflop_per_s": achieved / 1e9,
                 "matmul_gflop_per_s": ceiling / 1e9,
-                "fraction_of_matmul": achieved / ceiling,
                 "fraction_of_matmul_runs": round_fractions,
                 "median_fraction_per_round": median(round_fractions),
+                "step_fraction_of_matmul_runs": step_fractions,
+                "median_step_fraction_per_round": median(step_fractions),
             }
         )
     print_table(
@@ -265,11 +381,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [
             "size",
             "jets_per_s",
+            "step_jets_per_s",
+            "evaluation_s",
+            "page_faults_per_step",
             "training_mflop_per_jet",
-            "achieved_gflop_per_s",
             "matmul_gflop_per_s",
-            "fraction_of_matmul",
             "median_fraction_per_round",
+            "median_step_fraction_per_round",
         ],
         title=f"ConVAE training on {device}, batch {BATCH_SIZE}, median of {args.repeats} epochs of {len(train)} jets",
     )
@@ -277,12 +395,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     profiles = {}
     if args.profile:
         for size in SIZES:
-            with per_tensor_adam():
-                profiles[size] = profile_training(size, data, device)
-            print(f"\ntorch.profiler, 20 training steps of the {size} ConVAE:\n{profiles[size]}")
-            with fused_adam():
-                profiles[f"{size}, fused Adam"] = profile_training(size, data, device)
-            print(f"\nthe same with fused Adam:\n{profiles[f'{size}, fused Adam']}")
+            for suffix, (adam, malloc) in variants.items():
+                with adam(), malloc():
+                    profiles[size + suffix] = profile_training(size, data, device)
+                print(f"\ntorch.profiler, 20 training steps of the {size + suffix} ConVAE:\n{profiles[size + suffix]}")
 
     payload = {
         "settings": vars(args),
