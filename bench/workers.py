@@ -9,9 +9,10 @@ plays the controller with ``hpo.pipeline.advance_pipeline``. The subclass only r
 ``--sleep`` seconds and reports one value.
 
 Each actor reserves ``--cpus-per-worker`` Ray CPUs (default 2/32), so that 32 actors fit on
-the 2-core development machine whatever N is. The actors are started and have imported
-torch, the PostgreSQL driver and alembic (which Optuna's ``RDBStorage`` loads) before the
-stage starts, so start-up is not timed. The ``cold-imports`` variant leaves the driver and
+the 2-core development machine whatever N is, and starts with the malloc settings of
+jethpo's workers (``hpo.host_memory.worker_env_vars``). The actors are started and have
+imported torch, the PostgreSQL driver and alembic (which Optuna's ``RDBStorage`` loads)
+before the stage starts, so start-up is not timed. The ``cold-imports`` variant leaves the driver and
 alembic to the first storage opening inside the timed run, as the code before this
 variant did.
 
@@ -71,6 +72,7 @@ from bench.common import (
     throwaway_postgres,
     write_results,
 )
+from hpo.host_memory import worker_env_vars
 from hpo.workers import Worker
 
 __all__ = ["SleepWorker", "main", "sleep_train_params"]
@@ -302,7 +304,9 @@ def measure(count: int, args: argparse.Namespace, path: Path, variant: str) -> d
         settings = WorkerSettings(url, poll_interval_s=args.poll)
         actor_class = ray.remote(SleepWorker)
         actors = [
-            actor_class.options(num_cpus=args.cpus_per_worker, max_restarts=0).remote(
+            actor_class.options(
+                num_cpus=args.cpus_per_worker, max_restarts=0, runtime_env={"env_vars": worker_env_vars()}
+            ).remote(
                 settings, [profile.name], index, 1, args.sleep, variant, folder
             )
             for index in range(count)

@@ -17,9 +17,16 @@ glibc reads at start-up:
   methods in threads of their own, and a thread's separate arena would map requests above
   64 MiB anyway.
 
+NOTE: measured with one torch thread per trial only. Whether the one heap slows trials that
+train with several threads was not measured.
+
 The process then keeps the memory of its largest training step. :func:`release_freed_memory`
 hands the free part back to the system after each trial. Other C libraries ignore the
 variables, and the function does nothing there.
+
+:func:`worker_env_vars` gives the variables that Ray sets in a worker: these, or a value of
+the same variable in the environment of the jethpo command instead, or none at all when the
+command runs with ``--no-keep-freed-memory`` (``JETHPO_KEEP_FREED_MEMORY=0``).
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import platform
+from collections.abc import Mapping
 
-__all__ = ["TRAINING_MALLOC_ENV", "release_freed_memory"]
+__all__ = ["TRAINING_MALLOC_ENV", "release_freed_memory", "worker_env_vars"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +49,21 @@ TRAINING_MALLOC_ENV = {
     "MALLOC_TRIM_THRESHOLD_": str(2**40),
     "MALLOC_ARENA_MAX": "1",
 }
+
+
+def worker_env_vars(keep_freed_memory: bool = True, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return the environment variables that Ray sets in a worker process.
+
+    Args:
+        keep_freed_memory: Whether workers get :data:`TRAINING_MALLOC_ENV`. Without, Ray sets
+            nothing, and workers start with the environment of their Ray node.
+        environ: Environment of the jethpo command, ``os.environ`` by default. A variable of
+            :data:`TRAINING_MALLOC_ENV` set there keeps its value.
+    """
+    if not keep_freed_memory:
+        return {}
+    environ = os.environ if environ is None else environ
+    return {key: environ.get(key, value) for key, value in TRAINING_MALLOC_ENV.items()}
 
 
 @functools.cache

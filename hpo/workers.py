@@ -13,8 +13,9 @@ grace period the next worker or controller that looks marks it FAIL, and the sto
 callback queues a WAITING copy with the same parameters.
 
 Workers, and the Ray task of a retraining by hand, start with the malloc settings of
-:mod:`hpo.host_memory`, so training reuses the memory of its large tensors from step to
-step. A worker hands that memory back to the system after each trial.
+:mod:`hpo.host_memory` unless ``WorkerSettings.keep_freed_memory`` is off, so training reuses
+the memory of its large tensors from step to step. A worker hands that memory back to the
+system after each trial and each step.
 
 The controller (:func:`run_pipeline`, ``jethpo run``) registers the pipeline, starts Ray or
 joins a cluster, and starts the workers spread over the cluster's nodes. Then it reads the
@@ -54,7 +55,7 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo import pipeline as stages
-from hpo.host_memory import TRAINING_MALLOC_ENV, release_freed_memory
+from hpo.host_memory import release_freed_memory, worker_env_vars
 from hpo.pipeline import BudgetExhausted, StageRecord, budget_lock, count_study_trials
 from hpo.spaces import Profile, Resources
 from hpo.steps import StepRunner, claimable_steps
@@ -145,6 +146,9 @@ class WorkerSettings:
             fingerprint must match.
         artifact_dir: Artifact directory to use instead of the one registered with the
             pipeline, for a node that mounts it at another path.
+        keep_freed_memory: Start workers with the malloc settings of
+            :mod:`hpo.host_memory`, which make CPU training faster and its peak memory
+            higher. Without, workers start with the environment of their Ray node.
     """
 
     storage_url: str
@@ -154,6 +158,7 @@ class WorkerSettings:
     poll_interval_s: float = 2.0
     data_path: str | None = None
     artifact_dir: str | None = None
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.heartbeat_interval, bool) or not isinstance(self.heartbeat_interval, int) or self.heartbeat_interval < 1:
@@ -794,7 +799,7 @@ def start_workers(
             max_restarts=-1,
             max_task_retries=-1,
             scheduling_strategy=strategy,
-            runtime_env={"env_vars": TRAINING_MALLOC_ENV},
+            runtime_env={"env_vars": worker_env_vars(settings.keep_freed_memory)},
         ).remote(settings, list(pipelines), index, threads)
         workers.append((actor, actor.run.remote()))
     logger.info(
@@ -1679,7 +1684,7 @@ def retrain_by_hand(
             num_cpus=resources.cpus,
             num_gpus=resources.gpus,
             max_retries=0,
-            runtime_env={"env_vars": TRAINING_MALLOC_ENV},
+            runtime_env={"env_vars": worker_env_vars(settings.keep_freed_memory)},
         )
         logger.info("Retraining %s of pipeline %s as a Ray task with %s", step, pipeline, _describe_resources(
             {"CPU": resources.cpus, "GPU": resources.gpus}))

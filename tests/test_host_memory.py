@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from hpo.host_memory import TRAINING_MALLOC_ENV
+from hpo.host_memory import TRAINING_MALLOC_ENV, worker_env_vars
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
 
@@ -70,3 +70,19 @@ def test_release_returns_kept_memory():
 
     assert readings["released"]
     assert readings["after_release_mib"] < readings["kept_mib"] - 48, readings
+
+
+def test_worker_env_vars_default():
+    assert worker_env_vars(True, {}) == TRAINING_MALLOC_ENV
+
+
+def test_worker_env_vars_keep_user_values():
+    env = worker_env_vars(True, {"MALLOC_ARENA_MAX": "4", "PATH": "/usr/bin"})
+
+    assert env["MALLOC_ARENA_MAX"] == "4"
+    assert env["MALLOC_MMAP_MAX_"] == TRAINING_MALLOC_ENV["MALLOC_MMAP_MAX_"]
+    assert "PATH" not in env
+
+
+def test_worker_env_vars_off():
+    assert worker_env_vars(False, {"MALLOC_ARENA_MAX": "4"}) == {}

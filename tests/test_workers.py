@@ -39,7 +39,7 @@ from hpo.pipeline import advance_pipeline, count_trials, load_stage_records, pla
 from hpo.spaces import Resources, load_profile, parse_profile
 from hpo.studies import add_space
 from hpo.cli import app
-from hpo.host_memory import TRAINING_MALLOC_ENV
+from hpo.host_memory import worker_env_vars
 from hpo.workers import Worker, WorkerSettings, default_worker_count, start_workers
 from storage import StageState, get_stages, open_storage
 
@@ -763,7 +763,7 @@ import ray
 from hpo.spaces import Resources
 from hpo.workers import WorkerSettings, start_workers
 ray.init(address=sys.argv[2], logging_level="WARNING", log_to_driver=False)
-settings = WorkerSettings(sys.argv[1], heartbeat_interval=1, grace_period=4)
+settings = WorkerSettings(sys.argv[1], heartbeat_interval=1, grace_period=4, keep_freed_memory=sys.argv[3] == "keep")
 pool = start_workers(4, Resources(cpus=0.5, gpus=0), settings, ["no-such-pipeline"])
 try:
     summaries = ray.get([ref for _, ref in pool.workers], timeout=180)
@@ -778,10 +778,12 @@ print(json.dumps(summaries))
 """
 
 
-def test_workers_start_at_once_on_empty_database(ray_cluster, ray_env, fresh_postgres_url):
+@pytest.mark.parametrize("keep_freed_memory", [True, False], ids=["keep", "glibc"])
+def test_workers_start_at_once_on_empty_database(ray_cluster, ray_env, fresh_postgres_url, keep_freed_memory):
     # a driver of its own, as `jethpo run` is: the test process has run other tests' code
+    keep = "keep" if keep_freed_memory else "no"
     finished = subprocess.run(
-        [sys.executable, "-c", _START_AT_ONCE, fresh_postgres_url, ray_cluster],
+        [sys.executable, "-c", _START_AT_ONCE, fresh_postgres_url, ray_cluster, keep],
         capture_output=True,
         text=True,
         env=ray_env,
@@ -792,7 +794,10 @@ def test_workers_start_at_once_on_empty_database(ray_cluster, ray_env, fresh_pos
     summaries = json.loads(finished.stdout.strip().splitlines()[-1])
     assert [summary["trials"] for summary in summaries] == [0, 0, 0, 0]
     assert len({summary["node_id"] for summary in summaries}) == 2
-    assert [summary["malloc_env"] for summary in summaries] == [TRAINING_MALLOC_ENV] * 4
+    # without the settings, workers inherit the MALLOC_ variables of their Ray node, if any
+    inherited = {key: value for key, value in ray_env.items() if key.startswith("MALLOC_")}
+    expected = worker_env_vars(True, ray_env) if keep_freed_memory else inherited
+    assert [summary["malloc_env"] for summary in summaries] == [expected] * 4
     storage = open_storage(fresh_postgres_url)
     tables = set(sqlalchemy.inspect(storage.engine).get_table_names())
     storage.engine.dispose()
