@@ -75,6 +75,7 @@ __all__ = [
     "RUN_ATTR",
     "SEARCH",
     "STEP_KINDS",
+    "STORAGE_FAILURE_PREFIXES",
     "evaluated_model",
     "BudgetExhausted",
     "PipelinePlan",
@@ -87,6 +88,7 @@ __all__ = [
     "count_trials",
     "fail_stale_trials",
     "load_stage_records",
+    "queue_retry",
     "plan_pipeline",
     "register_pipeline",
     "studies_of_other_pipelines",
@@ -99,6 +101,11 @@ logger = logging.getLogger(__name__)
 
 SEARCH = "search"
 """Kind of a stage that runs the trials of one Optuna study."""
+
+STORAGE_FAILURE_PREFIXES = ("StorageInternalError:", "OperationalError:", "InterfaceError:")
+"""Starts of the ``fail_message`` of a trial that ``hpo.objectives.run_trial`` ended as FAIL
+because a storage request failed, such as ``trial.report`` during a PostgreSQL restart
+(exception type, then ": "). Such a trial gets a retry, as a stale one does."""
 
 RETRAIN = "retrain"
 """Kind of a step that retrains the best trial of a search space."""
@@ -677,25 +684,74 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) 
     if not stale_ids:
         return []
 
-    failed = []
-    for trial_id in dict.fromkeys(stale_ids):
-        try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                failed.append(trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            # another process failed or finished it first
-            continue
+    # under the lock, so that advance_pipeline never counts a failed trial without its retry
+    with budget_lock(storage, study.study_name):
+        failed = []
+        for trial_id in dict.fromkeys(stale_ids):
+            try:
+                if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    failed.append(trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # another process failed or finished it first
+                continue
+        return [(trial.number, queue_retry(study, storage, trial)) for trial in map(storage.get_trial, failed)]
 
-    results = []
+
+def queue_retry(study: optuna.Study, storage: optuna.storages.RDBStorage, trial: FrozenTrial) -> int | None:
+    """Queue a WAITING copy of a FAIL trial with the storage's retry callback, unless one exists.
+
+    Call it inside :func:`budget_lock` for the study, in the same block as the update that
+    failed the trial. :func:`advance_pipeline` counts a stage's trials under that lock before
+    it marks the stage done, so it never counts a FAIL trial whose retry is still to come, and
+    two processes never queue two retries of one trial. The copy has the trial's parameters
+    and user attributes, without ``fail_reason`` and ``fail_message``.
+
+    Args:
+        study: The trial's study.
+        storage: The study's storage.
+        trial: The FAIL trial.
+
+    Returns:
+        The number of the trial that retries it, or None when its retries ran out or the
+        storage has no retry callback.
+    """
+    existing = _retry_number(storage.get_all_trials(study._study_id, deepcopy=False), trial.number)
+    if existing is not None:
+        return existing
     callback = storage.get_heartbeat_stale_trial_callback()
-    for trial_id in failed:
-        trial = storage.get_trial(trial_id)
-        if callback is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                callback(study, trial)
-        results.append((trial.number, _retry_of(storage, study_id, trial.number)))
-    return results
+    if callback is None:
+        return None
+    failed = storage.get_trial(trial._trial_id)
+    failed.user_attrs = {key: value for key, value in failed.user_attrs.items() if key not in ("fail_reason", "fail_message")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        callback(study, failed)
+    return _retry_number(storage.get_all_trials(study._study_id, deepcopy=False), trial.number)
+
+
+def _settled_counts(storage: optuna.storages.RDBStorage, study_name: str) -> StageCounts:
+    """Count a stage's trials under its budget lock, once every retry due is queued.
+
+    A worker that ran a trial into a storage failure fails it, then queues its retry under
+    the lock. If the worker died in between, the retry is queued here.
+    """
+    with budget_lock(storage, study_name):
+        study_id = storage.get_study_id_from_name(study_name)
+        trials = storage.get_all_trials(study_id, deepcopy=False)
+        retried = retried_trial_numbers(trials)
+        due = [
+            trial
+            for trial in trials
+            if trial.state == TrialState.FAIL
+            and trial.number not in retried
+            and str(trial.user_attrs.get("fail_message", "")).startswith(STORAGE_FAILURE_PREFIXES)
+        ]
+        if due:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+            for trial in due:
+                queue_retry(study, storage, trial)
+            trials = storage.get_all_trials(study_id, deepcopy=False)
+        return count_trials(trials)
 
 
 def _trials_without_heartbeat(
@@ -726,8 +782,8 @@ def _trials_without_heartbeat(
     ]
 
 
-def _retry_of(storage: optuna.storages.RDBStorage, study_id: int, number: int) -> int | None:
-    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+def _retry_number(trials: Iterable[FrozenTrial], number: int) -> int | None:
+    for trial in trials:
         history = trial.system_attrs.get("retry_history")
         if history and history[-1] == number:
             return trial.number
@@ -1029,6 +1085,9 @@ def advance_pipeline(
                     counts = count_study_trials(connection, study_id)
             else:
                 counts = count_trials(stage_trials)
+            if not counts.is_done(record.budget.n_trials):
+                continue
+            counts = _settled_counts(storage, record.study_name)
             if not counts.is_done(record.budget.n_trials):
                 continue
             if counts.complete == 0:

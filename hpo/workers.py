@@ -115,11 +115,6 @@ _OUTAGE_ERRORS = (
     StorageError,
 )
 
-# fail_message prefixes of trials that run_trial ended as FAIL because a storage request
-# failed, such as trial.report during a PostgreSQL restart (exception type, then ": ")
-_STORAGE_FAILURE_PREFIXES = ("StorageInternalError:", "OperationalError:", "InterfaceError:")
-
-
 class RunError(Exception):
     """Error that stops a run from starting or going on. Its message names the cause and the fix."""
 
@@ -532,7 +527,7 @@ class Worker:
         )
         self._trials_run += 1
         if frozen.state == TrialState.FAIL and str(frozen.user_attrs.get("fail_message", "")).startswith(
-            _STORAGE_FAILURE_PREFIXES
+            stages.STORAGE_FAILURE_PREFIXES
         ):
             self._retry_after_storage_failure(study, frozen)
         return frozen
@@ -541,24 +536,17 @@ class Worker:
         # NOTE: run_trial ends a trial as FAIL for every exception of the training, including
         # a failed trial.report while the database restarts, so the worker re-queues such
         # trials with the storage's retry callback, as if their heartbeat had gone stale.
-        callback = self._storage.get_heartbeat_stale_trial_callback()
-        if callback is None:
+        if self._storage.get_heartbeat_stale_trial_callback() is None:
             return
+        with budget_lock(self._storage, study.study_name):
+            retry = stages.queue_retry(study, self._storage, frozen)
 
-        # the retry copies the user attributes, but not the reason of this failure
-        failed = self._storage.get_trial(frozen._trial_id)
-        failed.user_attrs = {
-            key: value for key, value in failed.user_attrs.items() if key not in ("fail_reason", "fail_message")
-        }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            callback(study, failed)
-
-        if frozen.number in stages.retried_trial_numbers(study.get_trials(deepcopy=False)):
+        if retry is not None:
             logger.warning(
-                "Trial %d of study %s failed because a storage request failed; re-queued its parameters",
+                "Trial %d of study %s failed because a storage request failed; re-queued its parameters as trial %d",
                 frozen.number,
                 study.study_name,
+                retry,
             )
         else:
             logger.warning(
@@ -1200,28 +1188,20 @@ def _fail_trials_of(
                 "fail_reason": "interrupted",
                 "fail_message": "the run was interrupted (Ctrl-C or SIGTERM) and handed the trial back",
             }
-            try:
-                set_trial_user_attrs(storage, trial._trial_id, reason)
-                if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            # under the lock, so that advance_pipeline never counts the trial without its retry
+            with budget_lock(storage, study_name):
+                try:
+                    set_trial_user_attrs(storage, trial._trial_id, reason)
+                    if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                        continue
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # the worker finished the trial before it ended
                     continue
-            except optuna.exceptions.UpdateFinishedTrialError:
-                # the worker finished the trial before it ended
-                continue
-            failed += 1
-            retry = None
-            if callback is not None:
-                study = optuna.load_study(study_name=study_name, storage=storage)
-                # the retry copies the user attributes, but not the reason of this failure
-                interrupted = storage.get_trial(trial._trial_id)
-                interrupted.user_attrs = {key: value for key, value in interrupted.user_attrs.items() if key not in reason}
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    callback(study, interrupted)
-                waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-                retry = next(
-                    (item.number for item in waiting if (item.system_attrs.get("retry_history") or [None])[-1] == trial.number),
-                    None,
-                )
+                failed += 1
+                retry = None
+                if callback is not None:
+                    study = optuna.load_study(study_name=study_name, storage=storage)
+                    retry = stages.queue_retry(study, storage, trial)
             worker = f"worker {identity['worker']} (pid {identity['pid']} on {identity['hostname']})"
             if retry is None:
                 logger.warning(

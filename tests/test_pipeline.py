@@ -27,6 +27,7 @@ from hpo.pipeline import (
     fail_stale_trials,
     load_stage_records,
     plan_pipeline,
+    queue_retry,
     register_pipeline,
     studies_of_other_pipelines,
     unfinished_pipelines,
@@ -455,6 +456,55 @@ def test_stale_trial_retried_same_params(storage, tiny_space, tiny_profile):
     assert retry.params == {"lr": lr}
     assert retry.system_attrs["retry_history"] == [0]
     assert count_trials(study.get_trials()).used == 0
+
+
+def test_stage_waits_for_retry_in_progress(storage, tiny_space, tiny_profile):
+    registered(storage, tiny_space, tiny_profile)
+    advance_pipeline(storage, list(records_of(storage).values()), "controller-a")
+    add_trial(storage, "tiny-nf.first", TrialState.COMPLETE, value=3.0)
+    add_trial(storage, "tiny-nf.first", TrialState.RUNNING, params={"lr": 2e-3})
+    study = optuna.load_study(study_name="tiny-nf.first", storage=storage)
+    running = study.get_trials(states=(TrialState.RUNNING,))[0]
+    failed = threading.Event()
+
+    # another process fails the stale trial and queues its retry a moment later
+    def fail_then_retry() -> None:
+        with budget_lock(storage, "tiny-nf.first"):
+            storage.set_trial_state_values(running._trial_id, TrialState.FAIL)
+            failed.set()
+            time.sleep(0.5)
+            queue_retry(study, storage, storage.get_trial(running._trial_id))
+
+    thread = threading.Thread(target=fail_then_retry)
+    thread.start()
+    failed.wait(timeout=10)
+    events = advance_pipeline(storage, list(records_of(storage).values()), "controller-a")
+    thread.join(timeout=10)
+
+    # the budget of 2 looked used (COMPLETE, FAIL), but the retry still has to run
+    assert events == []
+    retry = study.get_trials(states=(TrialState.WAITING,))
+    assert [trial.system_attrs["retry_history"] for trial in retry] == [[running.number]]
+
+
+def test_stage_queues_retry_of_storage_failure(storage, tiny_space, tiny_profile):
+    registered(storage, tiny_space, tiny_profile)
+    advance_pipeline(storage, list(records_of(storage).values()), "controller-a")
+    add_trial(storage, "tiny-nf.first", TrialState.COMPLETE, value=3.0)
+    # a worker ended this trial when a report failed, and died before queueing its retry
+    message = {"fail_reason": "error", "fail_message": "OperationalError: server closed the connection"}
+    add_trial(storage, "tiny-nf.first", TrialState.FAIL, params={"lr": 2e-3}, user_attrs=message)
+
+    first = advance_pipeline(storage, list(records_of(storage).values()), "controller-a")
+    second = advance_pipeline(storage, list(records_of(storage).values()), "controller-b")
+
+    assert first == []
+    assert second == []
+    study = optuna.load_study(study_name="tiny-nf.first", storage=storage)
+    retry = study.get_trials(states=(TrialState.WAITING,))
+    assert len(retry) == 1
+    assert retry[0].params == {"lr": 2e-3}
+    assert "fail_message" not in retry[0].user_attrs
 
 
 def test_running_trial_without_heartbeat_goes_stale(storage, tiny_space, tiny_profile):
