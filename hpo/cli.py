@@ -33,6 +33,7 @@ app = typer.Typer(
     help="Hyperparameter search for ConVAE+NF generation of LHC hadronic jets.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 data_app = typer.Typer(help="Make jet data sets with Pythia 8 and FastJet.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

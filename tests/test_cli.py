@@ -674,6 +674,14 @@ def test_dashboard_port_in_use(sqlite_url, tmp_path):
 # data generate keeps working next to the new commands
 
 
+def test_help_reflows_docstring_paragraphs():
+    result = CliRunner().invoke(app, ["retrain", "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+
+    assert result.exit_code == 0, result.output
+    # the docstring breaks this sentence after "it runs"
+    assert "and it runs as a Ray task" in result.stdout
+
+
 def test_data_generate_help():
     result = invoke("data", "generate", "--help")
 
