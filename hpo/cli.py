@@ -593,7 +593,8 @@ KeepFreedMemoryOption = Annotated[
         envvar="JETHPO_KEEP_FREED_MEMORY",
         help=(
             "Start workers with glibc malloc settings that keep freed memory for the next training step "
-            "(faster CPU training, a higher peak memory). MALLOC_ variables set here keep their values."
+            "(faster CPU training, a higher peak memory). A MALLOC_ variable set in this command's environment "
+            "keeps its value."
         ),
     ),
 ]
