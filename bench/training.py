@@ -42,11 +42,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import functools
 import logging
 import math
-import platform
 import resource
 import sys
 from collections.abc import Iterator
@@ -66,6 +64,7 @@ from bench.common import (
     synchronize,
     write_results,
 )
+from hpo.host_memory import glibc
 
 __all__ = ["SIZES", "count_training_flops", "main"]
 
@@ -169,13 +168,6 @@ _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _DEFAULT_MMAP_MAX = 65536
 
 
-@functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    return ctypes.CDLL(None)
-
-
 @contextlib.contextmanager
 def worker_malloc() -> Iterator[None]:
     """Give this process the malloc behaviour of a worker for the duration of the block.
@@ -188,7 +180,7 @@ def worker_malloc() -> Iterator[None]:
     threshold then stays where it was, because any ``mallopt`` call stops glibc from raising
     it on its own. Other C libraries are left alone.
     """
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         yield
         return

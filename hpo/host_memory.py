@@ -13,9 +13,9 @@ glibc reads at start-up:
 
 - ``MALLOC_MMAP_MAX_=0``: no request gets its own mapping; every one comes from the heap;
 - ``MALLOC_TRIM_THRESHOLD_``: freed memory at the top of the heap stays in the process;
-- ``MALLOC_ARENA_MAX=1``: every thread allocates from the one heap. Ray runs an actor's
-  methods in threads of their own, and a thread's separate arena would map requests above
-  64 MiB anyway.
+- ``MALLOC_ARENA_MAX=1``: every thread allocates from the one heap. Ray runs the methods of
+  an actor with concurrency groups, as jethpo's workers are, in threads of their own, and a
+  thread's separate arena would map requests above 64 MiB anyway.
 
 NOTE: measured with one torch thread per trial only. Whether the one heap slows trials that
 train with several threads was not measured.
@@ -38,7 +38,7 @@ import os
 import platform
 from collections.abc import Mapping
 
-__all__ = ["TRAINING_MALLOC_ENV", "release_freed_memory", "worker_env_vars"]
+__all__ = ["TRAINING_MALLOC_ENV", "glibc", "release_freed_memory", "worker_env_vars"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def worker_env_vars(keep_freed_memory: bool = True, environ: Mapping[str, str] |
 
 
 @functools.cache
-def _glibc() -> ctypes.CDLL | None:
+def glibc() -> ctypes.CDLL | None:
+    """Return the C library of this process when it is glibc on Linux, else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -82,7 +83,7 @@ def release_freed_memory() -> bool:
     Returns:
         Whether glibc returned memory (``malloc_trim(0)``). False with other C libraries.
     """
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         return False
     released = bool(libc.malloc_trim(0))
