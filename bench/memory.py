@@ -17,6 +17,13 @@ The ``paper`` profile reads every jet of its data set, and JetNet's gluon file h
 JetNet, ``--paper-size`` tiles the real Pythia jets up to 177,252 jets in a file under
 ``bench/results/data/``, which has the size but repeats each jet about 3.5 times.
 
+The child also times the trial and counts its page faults, so that the cost of the malloc
+settings in time shows next to their cost in memory. ``--threads`` sets the torch threads of
+the child (torch's default, the usable cores, when left out): the settings put every thread
+of a worker on one heap (``MALLOC_ARENA_MAX=1``), which could slow a trial that trains with
+several threads. ``--repeats`` runs every case and setting that many times, in rounds whose
+order rotates (``bench.common.interleave``), and the tables give medians.
+
 Cases: the generation-tuned and reconstruction-tuned ConVAE architectures (see
 ``bench.training``) with their objectives, and the standalone NF (65 flows, hidden layers of
 150, 200, 350 and 150 nodes).
@@ -25,11 +32,13 @@ Run from the repository root::
 
     python -m bench.memory --jets FILE                # all jets of the file: about 5 minutes for 50,000
     python -m bench.memory --jets FILE --paper-size   # 177,252 jets: about 10 minutes
+    python -m bench.memory --jets FILE --threads 2 --train-jets 3000 --repeats 3   # trial time with two threads
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -40,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS_DIR, add_device_argument, jets_file, print_table, write_results
+from bench.common import RESULTS_DIR, add_device_argument, interleave, jets_file, median, positive_int, print_table, write_results
 from hpo.host_memory import TRAINING_MALLOC_ENV
 
 __all__ = ["CASES", "main", "tiled_jets_file"]
@@ -95,12 +104,15 @@ def tiled_jets_file(source: Path, n_jets: int) -> Path:
     return target
 
 
-def run_case(case: str, path: str, train_jets: int, device: str) -> dict[str, Any]:
-    """Run one case in this process and return its memory readings in MiB."""
+def run_case(case: str, path: str, train_jets: int, device: str, threads: int | None = None) -> dict[str, Any]:
+    """Run one case in this process and return its memory readings in MiB, its time and its page faults."""
     import dataclasses
 
     import psutil
     import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     from hpo.objectives import prepare_data, train_params
     from hpo.spaces import Resources, SearchBudget, builtin_spaces
@@ -115,9 +127,13 @@ def run_case(case: str, path: str, train_jets: int, device: str) -> dict[str, An
     space_name, params = CASES[case]
     budget = SearchBudget(n_trials=1, epochs=1, batch_size=100, eval_every=1, resources=Resources(cpus=2.0, gpus=0.0))
     trial_data = dataclasses.replace(data, train=data.train[:train_jets])
+    space = builtin_spaces()[space_name]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     started = time.perf_counter()
-    result = train_params(builtin_spaces()[space_name], params, budget, trial_data, seed=0)
+    result = train_params(space, params, budget, trial_data, seed=0)
     readings["trial_s"] = time.perf_counter() - started
+    readings["trial_page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    readings["torch_threads"] = torch.get_num_threads()
     readings["validation_emd_sum"] = result.best_emd_sum
     readings["after_trial_mib"] = process.memory_info().rss / 2**20
     readings["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
@@ -139,6 +155,8 @@ def measure(case: str, malloc: str, path: Path, args: argparse.Namespace) -> dic
         sys.executable, "-m", "bench.memory", "--child", case, "--jets", str(path),
         "--train-jets", str(args.train_jets), "--device", args.device,
     ]  # fmt: skip
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
     env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")} | MALLOC_SETTINGS[malloc]
     child = subprocess.Popen(
         command, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1], env=env
@@ -168,26 +186,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--malloc", nargs="+", choices=list(MALLOC_SETTINGS), default=list(MALLOC_SETTINGS), help="malloc settings to run each case with"
     )
+    parser.add_argument("--repeats", type=positive_int, default=1, help="runs of every case and malloc setting, in rotating order")
     parser.add_argument("--jets", default=None, help="jets file; default: generated Pythia jets")
+    parser.add_argument("--output", default="memory", help="name of the result file under bench/results/")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child is not None:
-        print(json.dumps(run_case(args.child, args.jets, args.train_jets, args.device)))
+        print(json.dumps(run_case(args.child, args.jets, args.train_jets, args.device, args.threads)))
         return {}
 
     path = jets_file(args.jets, 1500)
     if args.paper_size:
         path = tiled_jets_file(path, PAPER_JETS)
-    rows = [measure(case, malloc, path, args) for case in args.cases for malloc in args.malloc]
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def run(case: str, malloc: str) -> float:
+        readings = measure(case, malloc, path, args)
+        runs.setdefault((case, malloc), []).append(readings)
+        return readings["trial_s"]
+
+    cases = {(case, malloc): functools.partial(run, case, malloc) for case in args.cases for malloc in args.malloc}
+    interleave(cases, args.repeats)
+    rows = [_summary(pair_runs) for pair_runs in runs.values()]
     print_table(
         rows,
         ["case", "malloc", "train_jets_in_memory", "validation_jets", "after_prepare_data_mib", "peak_rss_mib", "sampled_peak_rss_mib"],
-        title=f"Peak memory of one trial process on {args.device} (MiB)",
+        title=f"Peak memory of one trial process on {args.device} (MiB, median of {args.repeats})",
     )
-    payload = {"settings": vars(args), "jets_file": str(path), "rows": rows}
-    write_results("memory", payload, device=args.device)
+    print_table(
+        rows,
+        ["case", "malloc", "torch_threads", "trial_s", "trial_page_faults"],
+        title=f"Time and page faults of one trial of {args.train_jets} training jets (median of {args.repeats})",
+    )
+    payload = {"settings": vars(args), "jets_file": str(path), "rows": rows, "runs": [item for pair_runs in runs.values() for item in pair_runs]}
+    write_results(args.output, payload, device=args.device)
     return payload
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the medians of the numeric readings of one case's runs, with their values per run for the trial time."""
+    summary = {key: value for key, value in runs[0].items() if not isinstance(value, (int, float))}
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)):
+            summary[key] = median([item[key] for item in runs])
+    summary["trial_s_runs"] = [item["trial_s"] for item in runs]
+    return summary
 
 
 if __name__ == "__main__":

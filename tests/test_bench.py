@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench.workers", ["--timeout", "inf"], "argument --timeout: expected a finite number greater than 0"),
         ("bench.orchestration", ["--levels", "100", "-5"], "argument --levels: expected an integer of at least 1, got '-5'"),
         ("bench.orchestration", ["--repeats", "0"], "argument --repeats: expected an integer of at least 1"),
+        ("bench.memory", ["--repeats", "0"], "argument --repeats: expected an integer of at least 1, got '0'"),
+        ("bench.memory", ["--threads", "0"], "argument --threads: expected an integer of at least 1, got '0'"),
     ],
 )
 def test_bench_rejects_bad_option(module, options, expected):
