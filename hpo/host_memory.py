@@ -17,8 +17,10 @@ glibc reads at start-up:
   an actor with concurrency groups, as jethpo's workers are, in threads of their own, and a
   thread's separate arena would map requests above 64 MiB anyway.
 
-NOTE: measured with one torch thread per trial only. Whether the one heap slows trials that
-train with several threads was not measured.
+The one heap did not slow trials that train with two torch threads: the settings sped them
+up as much as trials with one thread (``bench/memory.py --threads 2``, section 6 of
+``bench/BENCHMARKS.md``). NOTE: more than two threads were not measured, because the
+development machines have 2 cores.
 
 The process then keeps the memory of its largest training step. :func:`release_freed_memory`
 hands the free part back to the system after each trial. Other C libraries ignore the
