@@ -33,7 +33,8 @@ app = typer.Typer(
     help="Hyperparameter search for ConVAE+NF generation of LHC hadronic jets.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
+    # click's plain help, because at 80 columns rich's option tables cut long option names with "…"
+    rich_markup_mode=None,
 )
 data_app = typer.Typer(help="Make jet data sets with Pythia 8 and FastJet.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -250,7 +251,7 @@ def _print_table(table: Any) -> None:
 # studies
 
 
-@app.command("studies")
+@app.command("studies", short_help="List the studies with trial counts, best EMD_sum and budget.")
 def studies_command(
     json_output: JsonOption = False,
     storage: StorageOption = None,
@@ -294,7 +295,7 @@ def studies_command(
         typer.echo(f"  {summary['study']}: {reasons}")
 
 
-@app.command("best")
+@app.command("best", short_help="Show the best COMPLETE trial of a study.")
 def best_command(
     study: Annotated[str, typer.Argument(help="Study name, such as convae-gen.loss.")],
     json_output: JsonOption = False,
@@ -335,7 +336,7 @@ def best_command(
             typer.echo(f"  {name}: {value}")
 
 
-@app.command("enqueue")
+@app.command("enqueue", short_help="Add a WAITING trial with given parameters to a study.")
 def enqueue_command(
     study: Annotated[str, typer.Argument(help="Study name, such as convae-gen.loss.")],
     params: Annotated[
@@ -729,7 +730,7 @@ def _profile_to_run(url: str) -> str:
     return names[0]
 
 
-@app.command("run")
+@app.command("run", short_help="Run a profile's whole pipeline: search, retrain, evaluate.")
 def run_command(
     profile: Annotated[
         Optional[str],
@@ -823,7 +824,7 @@ def run_command(
         _print_results(document)
 
 
-@app.command("worker")
+@app.command("worker", short_help="Start workers for the pipelines that 'jethpo run' registered.")
 def worker_command(
     storage: StorageOption = None,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
@@ -922,7 +923,7 @@ def _print_results(document: dict) -> None:
     typer.echo(markdown_table(document))
 
 
-@app.command("results")
+@app.command("results", short_help="Print the final evaluation table.")
 def results_command(
     storage: StorageOption = None,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
@@ -981,7 +982,7 @@ def _find_step(rdb: Any, kind: str, family: str, pipeline: str | None) -> Any:
     return pipelines[0], name
 
 
-@app.command("retrain")
+@app.command("retrain", short_help="Retrain the best trial of a search space now.")
 def retrain_command(
     study: Annotated[str, typer.Argument(help="A study of the search space whose best trial is retrained, such as convae-gen.arch.")],
     storage: StorageOption = None,
@@ -1030,7 +1031,7 @@ def retrain_command(
     )
 
 
-@app.command("generate")
+@app.command("generate", short_help="Sample jets from a retrained model into an HDF5 file.")
 def generate_command(
     model: Annotated[
         str,
@@ -1130,7 +1131,7 @@ def generate_command(
 # optuna-dashboard
 
 
-@app.command("dashboard")
+@app.command("dashboard", short_help="Serve optuna-dashboard on the storage and artifacts.")
 def dashboard_command(
     storage: StorageOption = None,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,

@@ -682,6 +682,26 @@ def test_help_reflows_docstring_paragraphs():
     assert "and it runs as a Ray task" in result.stdout
 
 
+@pytest.mark.parametrize("command", ["run", "worker", "retrain"])
+def test_help_fits_80_columns(command):
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+
+    assert result.exit_code == 0, result.output
+    assert "--heartbeat-interval" in result.stdout
+    assert "--no-keep-freed-memory" in result.stdout
+    assert "…" not in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+
+
+def test_command_list_fits_80_columns():
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "80"}, terminal_width=80)
+
+    assert result.exit_code == 0, result.output
+    commands = result.stdout.split("Commands:")[1].splitlines()
+    assert [line for line in commands if line.strip()]
+    assert not [line for line in commands if line.endswith("...")]
+
+
 def test_data_generate_help():
     result = invoke("data", "generate", "--help")
 
