@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -1035,7 +1035,14 @@ def retrain_command(
 def generate_command(
     model: Annotated[
         str,
-        typer.Option("--model", help="Retrained model: convae (generation-tuned ConVAE), convae-nf or nf.", show_default=False),
+        typer.Option(
+            "--model",
+            help=(
+                "Retrained model: convae (generation-tuned ConVAE), convae-nf or nf, or the name of the search "
+                "space that trained it, such as an added space nf-narrow."
+            ),
+            show_default=False,
+        ),
     ],
     jets: Annotated[int, typer.Option("--jets", min=1, help="Number of jets to generate.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="HDF5 file to write, in JetNet's layout.", show_default=False)],
@@ -1064,14 +1071,14 @@ def generate_command(
     from storage.artifacts import download_file, open_artifact_store, resolve_artifact_dir
     from storage.pipeline import get_outputs
 
-    models = ("convae", "convae-nf", "nf")
-    if model not in models:
-        raise typer.BadParameter(f"unknown model {model!r}; use one of {', '.join(models)}.", param_hint="--model")
     url = _storage_url(storage, data_dir)
     with _exit_on_run_errors(url):
         rdb = _open_storage(url)
         spaces = load_spaces(rdb)
-        families = [name for name, space in spaces.items() if evaluated_model(space) == model]
+        families = _generating_families(model, spaces)
+        requested = f"a {model} model" if model in _GENERATED_MODELS else f"search space {model}"
+        if model not in _GENERATED_MODELS:
+            model = evaluated_model(spaces[model])
         found = []
         for family in families:
             try:
@@ -1080,9 +1087,12 @@ def generate_command(
                 continue
         if not found:
             raise typer.BadParameter(
-                f"no pipeline has retrained a {model} model yet. Run 'jethpo run' to the end first.", param_hint="--model"
+                f"no pipeline has retrained {requested} yet. Run 'jethpo run' to the end first.", param_hint="--model"
             )
         family, pipeline_name, step = found[0]
+        if len(found) > 1:
+            others = ", ".join(name for name, _, _ in found[1:])
+            logger.info("Sampling the %s of search space %s. For that of %s, pass its name with --model.", model, family, others)
         output = get_outputs(rdb.engine, pipeline_name).get(step, {})
         if "checkpoint" not in output:
             raise typer.BadParameter(
@@ -1116,6 +1126,7 @@ def generate_command(
             {
                 "producer": "jethpo generate",
                 "model": model,
+                "search_space": family,
                 "pipeline": pipeline_name,
                 "study": output["study"],
                 "trial": output["trial"],
@@ -1126,6 +1137,36 @@ def generate_command(
         )
     logger.info("Wrote %d jets from the retrained %s of pipeline %s to %s", jets, model, pipeline_name, written)
     typer.echo(str(written))
+
+
+#: Models that ``jethpo generate --model`` names by their kind, as the final table does.
+_GENERATED_MODELS = ("convae", "convae-nf", "nf")
+
+
+def _generating_families(model: str, spaces: Mapping[str, Any]) -> list[str]:
+    """Return the search spaces whose retrained model ``--model`` names, shipped spaces first.
+
+    A model name (convae, convae-nf, nf) names every search space of that model, and a
+    search space name names that space alone.
+    """
+    from hpo.pipeline import evaluated_model
+
+    kinds = _GENERATED_MODELS
+    if model in kinds:
+        return [name for name, space in spaces.items() if evaluated_model(space) == model]
+    if model not in spaces:
+        generating = [name for name, space in spaces.items() if evaluated_model(space) is not None]
+        raise typer.BadParameter(
+            f"unknown model {model!r}. Use one of {', '.join(kinds)}, or the name of a search space: {', '.join(generating)}.",
+            param_hint="--model",
+        )
+    if evaluated_model(spaces[model]) is None:
+        raise typer.BadParameter(
+            f"search space {model!r} trains a reconstruction-tuned ConVAE, which generates no jets of its own. "
+            f"Use one of {', '.join(kinds)}, or a search space of one of these models.",
+            param_hint="--model",
+        )
+    return [model]
 
 
 # optuna-dashboard

@@ -140,8 +140,11 @@ def test_second_run_changes_nothing(smoke_run):
     assert {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)} == trials
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_generate_writes_jets_in_jetnet_layout(smoke_run, model, tmp_path):
+@pytest.mark.parametrize(
+    ("model", "kind", "space"),
+    [("convae", "convae", "convae-gen"), ("convae-nf", "convae-nf", "latent-nf"), ("nf", "nf", "nf"), ("latent-nf", "convae-nf", "latent-nf")],
+)
+def test_generate_writes_jets_in_jetnet_layout(smoke_run, model, kind, space, tmp_path):
     out = tmp_path / f"{model}.hdf5"
 
     made = jethpo("generate", "--model", model, "--jets", "120", "--out", str(out), "--batch-size", "50", env=smoke_run["env"])
@@ -150,8 +153,25 @@ def test_generate_writes_jets_in_jetnet_layout(smoke_run, model, tmp_path):
     with h5py.File(out, "r") as written:
         assert written["particle_features"].shape == (120, 30, 4)
         assert written["jet_features"].shape == (120, 4)
+        assert written.attrs["model"] == kind
+        assert written.attrs["search_space"] == space
     jets = read_jets(out)
     assert len(jets) == 120
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [("convae-rec", "generates no jets of its own"), ("nf-typo", "the name of a search space: convae-gen, latent-nf, nf")],
+)
+def test_generate_rejects_model(smoke_run, model, expected, tmp_path):
+    out = tmp_path / "jets.hdf5"
+
+    rejected = jethpo("generate", "--model", model, "--jets", "10", "--out", str(out), env=smoke_run["env"], timeout=300)
+
+    assert rejected.returncode == 2
+    assert expected in rejected.stderr
+    assert "Traceback" not in rejected.stderr
+    assert not out.exists()
 
 
 def test_retrain_of_a_done_step_asks_for_force(smoke_run):
