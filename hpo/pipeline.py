@@ -84,6 +84,7 @@ __all__ = [
     "StageRecord",
     "advance_pipeline",
     "budget_lock",
+    "changed_budgets",
     "count_study_trials",
     "count_trials",
     "fail_stale_trials",
@@ -466,6 +467,45 @@ def register_pipeline(
             logger.info("Step %s will run again, because a stage it depends on is not done", stale[0])
         else:
             logger.info("Steps %s will run again, because stages they depend on are not done", ", ".join(stale))
+
+
+def changed_budgets(storage: optuna.storages.RDBStorage, plan: PipelinePlan) -> list[str]:
+    """Describe where a profile's budgets differ from those stored with a pipeline's studies.
+
+    Compares the search budgets and trial resources of the search stages and the budgets of
+    the retraining steps with what :func:`register_pipeline` stored at the last run.
+
+    Returns:
+        One text per changed stage, such as ``"convae-gen.loss: n_trials 2 to 3"``. Empty for
+        a pipeline that was never registered.
+    """
+    names = [stage.study_name for stage in plan.runnable if stage.kind in (SEARCH, RETRAIN)]
+    stored = read_study_user_attrs(storage, names)
+    changes: list[str] = []
+    for stage in plan.runnable:
+        attrs = stored.get(stage.study_name)
+        if attrs is None or stage.kind not in (SEARCH, RETRAIN):
+            continue
+        if stage.kind == SEARCH:
+            budget: SearchBudget | RetrainBudget = stage.budget
+            keys = ("n_trials", "epochs", "batch_size", "eval_every")
+            source, label = attrs, stage.study_name
+            resources = (attrs.get(RUN_ATTR) or {}).get("resources") or {}
+        else:
+            budget = plan.profile.retrain_budget(stage.space)
+            keys = ("epochs", "batch_size", "eval_every")
+            source, label = attrs.get(RETRAIN_ATTR) or {}, f"retraining of {stage.family}"
+            resources = source.get("resources") or {}
+        before = {key: source.get(key) for key in keys} | {key: resources.get(key) for key in ("cpus", "gpus")}
+        after = {key: getattr(budget, key) for key in keys} | {"cpus": budget.resources.cpus, "gpus": budget.resources.gpus}
+        differences = [
+            f"{key} {before[key]:g} to {after[key]:g}"
+            for key in after
+            if before[key] is not None and float(before[key]) != float(after[key])
+        ]
+        if differences:
+            changes.append(f"{label}: {', '.join(differences)}")
+    return changes
 
 
 # trial counts

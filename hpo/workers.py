@@ -1369,10 +1369,22 @@ def run_pipeline(
     # pipeline registration, which keeps the state of stages stored before
     _check_one_pipeline(storage, plan, settings.storage_url)
     existing = {record.name: record.state for record in stages.load_stage_records(storage, plan.name)}
+    registered = stages.registered_run(storage, plan.name) if existing else None
+    changes = stages.changed_budgets(storage, plan) if existing else []
     if existing and all(existing.get(stage.name) in (stages.StageState.DONE, stages.StageState.FAILED) for stage in plan.runnable):
+        if data is not None and registered is not None:
+            # other jets are rejected as for a pipeline that is not finished, rather than ignored
+            _check_registered_jets(existing_data_path(data), profile, plan.name, settings.storage_url, registered)
+        if changes:
+            logger.warning(
+                "Pipeline %s is already finished, so these budget changes of profile %s are not applied: %s. "
+                "To search with them, run the profile on another storage.",
+                plan.name,
+                profile.name,
+                "; ".join(changes),
+            )
         logger.info("Pipeline %s is already finished; nothing to run", plan.name)
         return _final_outcome(storage, [plan.name])
-    registered = stages.registered_run(storage, plan.name) if existing else None
     if data is None and registered is not None and Path(registered["data_path"]).exists():
         # a resumed pipeline keeps its jets, even when the data directory now has other generated jets
         data = registered["data_path"]
@@ -1390,6 +1402,12 @@ def run_pipeline(
     stages.register_pipeline(storage, plan, run_info)
     if existing:
         logger.info("Resuming pipeline %s from the storage %s", plan.name, mask_password(settings.storage_url))
+        if changes:
+            logger.info(
+                "Profile %s changed these budgets, which apply to the stages that are not done: %s",
+                profile.name,
+                "; ".join(changes),
+            )
     else:
         logger.info(
             "Registered pipeline %s with stages %s in %s",
@@ -1409,6 +1427,20 @@ def run_pipeline(
         monitor=PipelineMonitor(log_trials=not live),
         log_to_driver=log_to_driver,
     )
+
+
+def _check_registered_jets(
+    path: Path, profile: Profile, pipeline: str, storage_url: str, registered: Mapping[str, Any]
+) -> None:
+    """Raise RunError when ``path`` contains other jets than those the pipeline was registered with."""
+    from hpo.objectives import TooFewJetsError, prepare_data
+
+    try:
+        fingerprint = prepare_data(path, seed=SPLIT_SEED, n_jets=profile.n_jets, device="cpu").fingerprint
+    except TooFewJetsError as error:
+        _reject_too_few_jets(error, profile.name, pipeline, registered)
+    if registered.get("data_fingerprint") not in (None, fingerprint):
+        _reject_other_jets(pipeline, storage_url, registered, path, fingerprint)
 
 
 def _reject_too_few_jets(error: TooFewJetsError, profile_name: str, pipeline: str, registered: Mapping[str, Any] | None) -> NoReturn:

@@ -519,6 +519,58 @@ def test_run_rejects_other_jets(tmp_path, jets_path):
     assert "Traceback" not in result.stderr
 
 
+def finish_on_sqlite(url: str, pipeline: str) -> None:
+    """Mark every stage of a registered pipeline done, as if it had run to the end."""
+    from storage.pipeline import finish_stage, get_stages
+
+    storage = open_storage(url)
+    for stage in get_stages(storage.engine, pipeline):
+        finish_stage(storage.engine, pipeline, stage.stage, "done")
+    storage.engine.dispose()
+
+
+def test_finished_run_rejects_other_jets(tmp_path, jets_path):
+    url = register_on_sqlite(tmp_path, "smoke", data_path=str(tmp_path / "moved.hdf5"))
+    finish_on_sqlite(url, "smoke")
+
+    result = CliRunner().invoke(app, ["run", "--storage", url, "--data", jets_path, "--data-dir", str(tmp_path)])
+
+    assert result.exit_code == 1, result.output
+    assert f"but this run would use {jets_path}" in result.stderr
+    assert "already finished" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_finished_run_warns_of_budget_changes(tmp_path, caplog):
+    url = register_on_sqlite(tmp_path, "smoke")
+    finish_on_sqlite(url, "smoke")
+    profile = tmp_path / "smoke.yaml"
+    text = (Path(hpo.studies.__file__).parent / "profiles" / "smoke.yaml").read_text()
+    profile.write_text(text.replace("n_trials: 2", "n_trials: 3", 1))
+
+    with caplog.at_level("INFO", logger="hpo.workers"):
+        result = CliRunner().invoke(app, ["run", "--storage", url, "--profile", str(profile), "--data-dir", str(tmp_path)])
+
+    assert result.exit_code == 0, result.output
+    assert "these budget changes of profile smoke are not applied: convae-gen.loss: n_trials 2 to 3;" in caplog.text
+    assert "already finished; nothing to run" in caplog.text
+
+
+def test_changed_budgets_lists_resources(tmp_path):
+    from hpo.pipeline import changed_budgets
+
+    url = register_on_sqlite(tmp_path, "smoke", families=["nf"])
+    text = (Path(hpo.studies.__file__).parent / "profiles" / "smoke.yaml").read_text()
+    storage = open_storage(url)
+    spaces = hpo.studies.load_spaces(storage)
+
+    unchanged = changed_budgets(storage, plan_pipeline(spaces, parse_profile(text, "smoke.yaml"), ["nf"]))
+    changed = changed_budgets(storage, plan_pipeline(spaces, parse_profile(text.replace("cpus: 1", "cpus: 2"), "smoke.yaml"), ["nf"]))
+
+    assert unchanged == []
+    assert changed == ["nf.search: cpus 1 to 2", "retraining of nf: cpus 1 to 2"]
+
+
 def test_run_rejects_too_few_jets(tmp_path, jets_path):
     result = CliRunner().invoke(
         app, ["run", "--profile", "quick", "--data", jets_path, "--storage", f"sqlite:///{tmp_path / 'jethpo.db'}"]
