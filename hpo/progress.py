@@ -520,8 +520,9 @@ class PipelineMonitor:
 
     At INFO: stage starts, ends and failures, and every retry with the study and trial
     numbers. At WARNING: every FAIL trial with its reason. With ``log_trials``, every
-    COMPLETE or PRUNED trial at INFO too, for logs that have no live view. The first
-    reading only records the state, so a resumed pipeline does not log its history again.
+    COMPLETE or PRUNED trial at INFO too, and the epoch of a running retraining about 20
+    times over its epochs, for logs that have no live view. The first reading only records
+    the state, so a resumed pipeline does not log its history again.
 
     Args:
         log_trials: Whether to log each finished trial.
@@ -533,6 +534,7 @@ class PipelineMonitor:
         self._trial_states: dict[str, dict[int, TrialState]] = {}
         self._baseline_done = False
         self._resumes_logged: set[tuple[str, str, int]] = set()
+        self._epochs_logged: dict[tuple[str, str], int] = {}
 
     def update(
         self,
@@ -572,6 +574,20 @@ class PipelineMonitor:
                     stage.resumed_after,
                     stage.epochs,
                 )
+            if self.log_trials:
+                self._log_epoch(stage)
+
+    def _log_epoch(self, stage: StageProgress) -> None:
+        """Log the epoch of a running retraining each time it has trained a twentieth of its epochs."""
+        if stage.state != StageState.RUNNING or not stage.epoch or not stage.epochs:
+            return
+        key = (stage.pipeline, stage.name)
+        # the resume line above gives the epoch at which a resumed retraining starts
+        last = self._epochs_logged.setdefault(key, stage.resumed_after or 0)
+        if stage.epoch < last + max(1, stage.epochs // 20) and not (stage.epoch == stage.epochs > last):
+            return
+        self._epochs_logged[key] = stage.epoch
+        logger.info("Step %s of pipeline %s trained %d of %d epochs", stage.name, stage.pipeline, stage.epoch, stage.epochs)
 
     def summarize(self, progress: PipelineProgress) -> None:
         """Log the state of every stage at INFO when any stage has trials, as on a resumed pipeline."""

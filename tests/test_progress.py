@@ -334,6 +334,28 @@ def test_resume_logged_once(caplog):
     assert messages == ["Step retrain:toy-nf of pipeline toy resumed from its saved training state after epoch 5 of 16"]
 
 
+@pytest.mark.parametrize(
+    ("log_trials", "epochs_seen", "expected"),
+    [
+        (True, [0, 3, 5, 7, 9, 10, 12, 100], [5, 10, 100]),
+        (True, [1, 2], [1, 2]),
+        (False, [0, 50, 100], []),
+    ],
+)
+def test_retraining_epochs_logged(caplog, log_trials, epochs_seen, expected):
+    running = step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=600.0, running_s=3.0)
+    total = epochs_seen[-1]
+    monitor = PipelineMonitor(log_trials=log_trials)
+
+    with caplog.at_level(logging.INFO, logger="hpo.progress"):
+        for epoch in epochs_seen:
+            stage = dataclasses.replace(running, epoch=epoch, epochs=total)
+            monitor.update(PipelineProgress(stages=(stage,), workers=1), {})
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [f"Step retrain:toy-nf of pipeline toy trained {epoch} of {total} epochs" for epoch in expected]
+
+
 def test_running_step_without_claim_time():
     search = search_record("toy-nf.only", "toy-nf", StageState.DONE)
     retrain = step_record(RETRAIN, "toy-nf", StageState.RUNNING, ("toy-nf.only",))
