@@ -326,6 +326,19 @@ def trial_seed(study_name: str, trial_number: int) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFF_FFFF
 
 
+def _retried_seed(trial: optuna.Trial) -> int | None:
+    """Return the seed of the trial that ``trial`` retries, or None for a trial that retries none.
+
+    Optuna's retry callback copies the user attributes of the failed trial, which include
+    the seed that :func:`run_trial` stored before training. So a trial retried after its
+    worker died or a storage request failed trains with the seed of the trial it retries.
+    """
+    seed = trial.user_attrs.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**31:
+        return seed
+    return None
+
+
 def train_params(
     space: Space,
     params: Mapping[str, Any],
@@ -573,7 +586,8 @@ def run_trial(
     - FAIL with the user attributes ``fail_reason`` (one of :data:`FAIL_REASONS`) and
       ``fail_message``, logged at WARNING with the study name and trial number.
 
-    Every trial gets the user attributes ``seed`` (:func:`trial_seed`), ``data_fingerprint``,
+    Every trial gets the user attributes ``seed`` (:func:`trial_seed`, or for a retried trial
+    the seed of the trial it retries), ``data_fingerprint``,
     ``device`` and ``wall_time_s`` (seconds from ask to tell), and ``params``, the full
     parameters with fixed and inherited values, once the stage has suggested them. A
     COMPLETE trial also gets ``best_epoch``. The attributes are written in two groups, one
@@ -631,7 +645,9 @@ def run_trial(
         trial = study.ask()
 
     started = time.perf_counter()
-    seed = trial_seed(study.study_name, trial.number)
+    seed = _retried_seed(trial)
+    if seed is None:
+        seed = trial_seed(study.study_name, trial.number)
 
     def report(epoch: int, value: float) -> None:
         trial.report(value, epoch)

@@ -636,6 +636,7 @@ def test_stale_trial_is_retried_first(postgres_url, data):
     with pytest.warns(UserWarning, match="Heartbeat of storage"):
         dead = study.ask()
     dead_params = stage.suggest(dead, data.statistics, {})
+    dead.set_user_attr("seed", trial_seed(study.study_name, dead.number))
     storage.record_heartbeat(dead._trial_id)
     time.sleep(1.5)
 
@@ -645,3 +646,5 @@ def test_stale_trial_is_retried_first(postgres_url, data):
     assert trial.state == TrialState.COMPLETE
     assert trial.system_attrs["failed_trial"] == dead.number
     assert trial.params == {"lr": dead_params["lr"], "gamma_m": dead_params["gamma_m"]}
+    # the retry repeats the training of the trial it retries
+    assert trial.user_attrs["seed"] == trial_seed(study.study_name, dead.number)
