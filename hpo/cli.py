@@ -723,11 +723,33 @@ def _profile_to_run(url: str) -> str:
             f"{_masked(url)} contains the pipelines {', '.join(names)}. Pass --profile with the one to run."
         )
     if names[0] not in builtin_profiles():
-        raise RunError(
-            f"{_masked(url)} contains pipeline {names[0]!r} of a profile file. Pass --profile with the path of that file."
-        )
+        return _registered_profile_file(url, names[0])
     logger.info("No --profile given: resuming pipeline %s, the one in %s", names[0], _masked(url))
     return names[0]
+
+
+def _registered_profile_file(url: str, pipeline: str) -> str:
+    """Return the profile file that pipeline ``pipeline`` was registered with, if it still exists."""
+    from hpo.pipeline import registered_run
+    from hpo.workers import RunError
+
+    rdb = _open_storage(url)
+    try:
+        registered = registered_run(rdb, pipeline) or {}
+    finally:
+        rdb.engine.dispose()
+    path = registered.get("profile_file")
+    if path is None:
+        raise RunError(
+            f"{_masked(url)} contains pipeline {pipeline!r} of a profile file. Pass --profile with the path of that file."
+        )
+    if not Path(path).is_file():
+        raise RunError(
+            f"{_masked(url)} contains pipeline {pipeline!r} of the profile file {path}, which no longer exists. "
+            f"Pass --profile with the path of that file's copy."
+        )
+    logger.info("No --profile given: resuming pipeline %s with its profile file %s", pipeline, path)
+    return path
 
 
 @app.command("run", short_help="Run a profile's whole pipeline: search, retrain, evaluate.")

@@ -1304,19 +1304,24 @@ def prepare_jets(data: str | None, data_dir: Path, n_jets: int | None, profile_n
     return Path(generate_jets(n_jets, target, seed=0)).resolve()
 
 
-def _run_info(path: Path, n_jets: int | None, artifact_dir: Path) -> dict[str, Any]:
+def _run_info(path: Path, profile: Profile, artifact_dir: Path) -> dict[str, Any]:
     from hpo.objectives import prepare_data
+    from hpo.spaces import builtin_profiles
     from storage.artifacts import open_artifact_store
 
     open_artifact_store(artifact_dir)
-    data = prepare_data(path, seed=SPLIT_SEED, n_jets=n_jets, device="cpu")
-    return {
+    data = prepare_data(path, seed=SPLIT_SEED, n_jets=profile.n_jets, device="cpu")
+    info = {
         "data_path": str(path),
-        "n_jets": n_jets,
+        "n_jets": profile.n_jets,
         "split_seed": SPLIT_SEED,
         "data_fingerprint": data.fingerprint,
         "artifact_dir": str(Path(artifact_dir).resolve()),
     }
+    if profile.name not in builtin_profiles():
+        # 'jethpo run' without --profile resumes the pipeline with this file
+        info["profile_file"] = str(Path(profile.source).expanduser().resolve())
+    return info
 
 
 def run_pipeline(
@@ -1394,7 +1399,7 @@ def run_pipeline(
 
         artifact_dir = resolve_artifact_dir(None, data_dir)
     try:
-        run_info = _run_info(path, profile.n_jets, artifact_dir)
+        run_info = _run_info(path, profile, artifact_dir)
     except TooFewJetsError as error:
         _reject_too_few_jets(error, profile.name, plan.name, registered)
     if registered is not None and registered.get("data_fingerprint") not in (None, run_info["data_fingerprint"]):

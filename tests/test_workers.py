@@ -35,7 +35,7 @@ from typer.testing import CliRunner
 
 import hpo.studies
 from hpo.objectives import prepare_data
-from hpo.pipeline import advance_pipeline, count_trials, load_stage_records, plan_pipeline, register_pipeline
+from hpo.pipeline import advance_pipeline, count_trials, load_stage_records, plan_pipeline, register_pipeline, registered_run
 from hpo.spaces import Resources, load_profile, parse_profile
 from hpo.studies import add_space
 from hpo.cli import app
@@ -437,7 +437,7 @@ def test_run_rejects_invalid_input(tmp_path, arguments, message):
     assert "Traceback" not in result.stderr
 
 
-def register_on_sqlite(tmp_path, profile: str, families=None, data_path=None) -> str:
+def register_on_sqlite(tmp_path, profile: str, families=None, data_path=None, profile_file=None) -> str:
     """Register a profile's pipeline in the SQLite storage of ``tmp_path`` under a fake data fingerprint, and return the URL."""
     from hpo.studies import load_spaces
 
@@ -449,6 +449,8 @@ def register_on_sqlite(tmp_path, profile: str, families=None, data_path=None) ->
         "split_seed": 0,
         "data_fingerprint": "f" * 64,
     }
+    if profile_file is not None:
+        run_info["profile_file"] = profile_file
     register_pipeline(storage, plan_pipeline(load_spaces(storage), load_profile(profile), families), run_info)
     storage.engine.dispose()
     return url
@@ -505,6 +507,36 @@ def test_run_resumes_stored_profile(tmp_path, jets_path):
     assert "Pipeline smoke in" in result.stderr
     assert "when their data fingerprint was ffffffffffff" in result.stderr
     assert "the pipeline's trials would mix the two" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_resumes_stored_profile_file(tmp_path, jets_path, caplog):
+    profile = tmp_path / "renamed.yaml"
+    text = (Path(hpo.studies.__file__).parent / "profiles" / "smoke.yaml").read_text()
+    profile.write_text(text.replace("name: smoke", "name: renamed"))
+    url = register_on_sqlite(tmp_path, str(profile), data_path=jets_path, profile_file=str(profile))
+
+    with caplog.at_level("INFO", logger="hpo.cli"):
+        result = CliRunner().invoke(app, ["run", "--storage", url, "--data-dir", str(tmp_path)])
+
+    # it resumes the file's pipeline, and stops at the fake fingerprint before Ray starts
+    assert f"resuming pipeline renamed with its profile file {profile}" in caplog.text
+    assert result.exit_code == 1, result.output
+    assert "Pipeline renamed in" in result.stderr
+    assert "when their data fingerprint was ffffffffffff" in result.stderr
+
+
+def test_run_names_missing_profile_file(tmp_path):
+    profile = tmp_path / "renamed.yaml"
+    text = (Path(hpo.studies.__file__).parent / "profiles" / "smoke.yaml").read_text()
+    profile.write_text(text.replace("name: smoke", "name: renamed"))
+    url = register_on_sqlite(tmp_path, str(profile), profile_file=str(profile))
+    profile.unlink()
+
+    result = CliRunner().invoke(app, ["run", "--storage", url, "--data-dir", str(tmp_path)])
+
+    assert result.exit_code == 1, result.output
+    assert f"of the profile file {profile}, which no longer exists" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -948,7 +980,10 @@ def test_killed_controller_resumes_pipeline(ray_cluster, ray_env, fresh_postgres
     # no stage started twice, nothing that had finished ran again
     storage = reader(fresh_postgres_url)
     after = {stage.stage: stage for stage in get_stages(storage.engine, "tiny")}
+    registered = registered_run(storage, "tiny")
     storage.engine.dispose()
+    # a later 'jethpo run' without --profile resumes with this file
+    assert registered["profile_file"] == str(Path(profile_path).resolve())
     for name in ("tiny-nf.first", "tiny-nf.second"):
         assert after[name].state == StageState.DONE
         assert after[name].claimed_at == before[name].claimed_at
