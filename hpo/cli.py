@@ -746,7 +746,7 @@ def _registered_profile_file(url: str, pipeline: str) -> str:
     if not Path(path).is_file():
         raise RunError(
             f"{_masked(url)} contains pipeline {pipeline!r} of the profile file {path}, which no longer exists. "
-            f"Pass --profile with the path of that file's copy."
+            f"Restore the file, or pass --profile with the path where it is now."
         )
     logger.info("No --profile given: resuming pipeline %s with its profile file %s", pipeline, path)
     return path

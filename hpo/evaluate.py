@@ -1262,6 +1262,8 @@ def plot_training_history(
     finite = np.isfinite(values)
     best = _best_point(points)
 
+    import matplotlib.ticker
+
     with _hep_style():
         figure = _new_figure(9, 6.5)
         axis = figure.add_subplot()
@@ -1299,6 +1301,8 @@ def plot_training_history(
             positive = values[finite & (values > 0)]
             if len(positive) == finite.sum() and positive.max() > 20 * positive.min():
                 axis.set_yscale("log")
+        # epochs are whole numbers, which a short retraining's ticks (1.2, 1.4, ...) would hide
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.set_xlabel("Epoch")
         axis.set_ylabel("Validation EMD$_{\\mathrm{sum}}$")
         axis.set_title(title, loc="left", fontsize=16)

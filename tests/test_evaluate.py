@@ -678,6 +678,24 @@ def test_history_plot_written(tmp_path):
     assert_png(path, width=1080, height=780)
 
 
+def test_history_plot_ticks_whole_epochs(tmp_path, monkeypatch):
+    import hpo.evaluate
+
+    ticks = []
+    save = hpo.evaluate._save
+
+    def keep_ticks(figure, path):
+        figure.canvas.draw()
+        ticks.extend(figure.axes[0].get_xticks())
+        return save(figure, path)
+
+    monkeypatch.setattr(hpo.evaluate, "_save", keep_ticks)
+    plot_training_history([(1, 3.0), (2, 2.0)], "smoke retraining", tmp_path / "history.png")
+
+    assert ticks
+    assert all(float(tick).is_integer() for tick in ticks)
+
+
 def test_best_point_skips_non_finite():
     history = [(1, 5.0), (2, math.inf), (3, 2.0), (4, 2.0), (5, math.nan)]
 
