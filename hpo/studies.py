@@ -145,10 +145,13 @@ def check_new_space(space: Space, spaces: Mapping[str, Space]) -> Space | None:
     """
     known = spaces.get(space.name)
     if known is not None and known.fingerprint != space.fingerprint:
+        origin = space_origin(known)
+        # the source of a stored space only repeats its name
+        where = "" if origin == "stored" else f" ({known.source})"
         raise SpaceError(
             space.source,
             "name",
-            f"a {space_origin(known)} search space ({known.source}) already has this name with different content",
+            f"a {origin} search space{where} already has this name with different content",
             space.name,
             "Rename the family (the name key), so that its studies get new names.",
         )

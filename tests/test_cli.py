@@ -372,7 +372,7 @@ def test_spaces_add_conflict_writes_nothing(tmp_path, postgres_url):
     assert result.exit_code == 1
     assert f"Error: {changed}" in result.stderr
     assert f"name = '{name}'" in result.stderr
-    assert "already has this name with different content" in result.stderr
+    assert "a stored search space already has this name with different content" in result.stderr
     assert pipeline.load_spaces(open_storage(postgres_url).engine)[name] == before
 
 
