@@ -1318,9 +1318,10 @@ def _run_info(path: Path, profile: Profile, artifact_dir: Path) -> dict[str, Any
         "data_fingerprint": data.fingerprint,
         "artifact_dir": str(Path(artifact_dir).resolve()),
     }
-    if profile.name not in builtin_profiles():
+    source = Path(profile.source).expanduser()
+    if profile.name not in builtin_profiles() and source.is_file():
         # 'jethpo run' without --profile resumes the pipeline with this file
-        info["profile_file"] = str(Path(profile.source).expanduser().resolve())
+        info["profile_file"] = str(source.resolve())
     return info
 
 

@@ -64,7 +64,7 @@ def searched_pipeline(url: str, jets_path: str, artifact_dir: Path, epochs: int 
     save_space(storage.engine, "flat", SPACE)
     space = parse_space(SPACE, "test space")
     plan = plan_pipeline({"flat": space}, parse_profile(PROFILE.format(epochs=epochs), "test profile"))
-    register_pipeline(storage, plan, _run_info(Path(jets_path), 600, artifact_dir))
+    register_pipeline(storage, plan, _run_info(Path(jets_path), plan.profile, artifact_dir))
     records = lambda: load_stage_records(storage, "steps")  # noqa: E731
     advance_pipeline(storage, records(), "controller")
     study = optuna.load_study(study_name="flat.search", storage=storage)
@@ -99,7 +99,7 @@ def test_steps_wait_for_their_inputs(settings, jets_path, tmp_path):
     storage = open_storage(settings.storage_url, heartbeat_interval=1, grace_period=2)
     save_space(storage.engine, "flat", SPACE)
     plan = plan_pipeline({"flat": parse_space(SPACE, "test space")}, parse_profile(PROFILE.format(epochs=1), "p"))
-    register_pipeline(storage, plan, _run_info(Path(jets_path), 600, tmp_path))
+    register_pipeline(storage, plan, _run_info(Path(jets_path), plan.profile, tmp_path))
 
     # the search has not run: no step may start
     assert claimable_steps(load_stage_records(storage, "steps"), grace_period_s=2) == []
