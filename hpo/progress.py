@@ -29,6 +29,7 @@ __all__ = [
     "PipelineProgress",
     "StageProgress",
     "format_duration",
+    "log_retraining_epoch",
     "read_progress",
     "render_table",
 ]
@@ -515,6 +516,18 @@ def _describe_step(stage: StageProgress, progress: PipelineProgress) -> str:
     return text
 
 
+def log_retraining_epoch(pipeline: str, step: str, epoch: int, epochs: int, last: int) -> int:
+    """Log a retraining's epoch once it has trained another twentieth of its epochs since ``last``.
+
+    Returns:
+        The epoch logged last: ``epoch`` when this call logged it, else ``last``.
+    """
+    if epoch < last + max(1, epochs // 20) and not (epoch == epochs > last):
+        return last
+    logger.info("Step %s of pipeline %s trained %d of %d epochs", step, pipeline, epoch, epochs)
+    return epoch
+
+
 class PipelineMonitor:
     """Log writer for the changes between two readings of the storage.
 
@@ -584,10 +597,7 @@ class PipelineMonitor:
         key = (stage.pipeline, stage.name)
         # the resume line above gives the epoch at which a resumed retraining starts
         last = self._epochs_logged.setdefault(key, stage.resumed_after or 0)
-        if stage.epoch < last + max(1, stage.epochs // 20) and not (stage.epoch == stage.epochs > last):
-            return
-        self._epochs_logged[key] = stage.epoch
-        logger.info("Step %s of pipeline %s trained %d of %d epochs", stage.name, stage.pipeline, stage.epoch, stage.epochs)
+        self._epochs_logged[key] = log_retraining_epoch(stage.pipeline, stage.name, stage.epoch, stage.epochs, last)
 
     def summarize(self, progress: PipelineProgress) -> None:
         """Log the state of every stage at INFO when any stage has trials, as on a resumed pipeline."""

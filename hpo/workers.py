@@ -1706,7 +1706,9 @@ def retrain_by_hand(
         )
         logger.info("Retraining %s of pipeline %s as a Ray task with %s", step, pipeline, _describe_resources(
             {"CPU": resources.cpus, "GPU": resources.gpus}))
-        result = ray.get(task.remote(settings, pipeline, step))
+        running = task.remote(settings, pipeline, step)
+        _wait_logging_epochs(running, settings, pipeline, step)
+        result = ray.get(running)
     except ray.exceptions.RayTaskError as error:
         cause = getattr(error, "cause", None)
         raise RunError(str(cause) if cause is not None else str(error).strip().splitlines()[-1]) from None
@@ -1715,6 +1717,40 @@ def retrain_by_hand(
     if result["state"] != "done":
         raise RunError(f"Retraining {step} of pipeline {pipeline} failed: {result['output'].get('error', 'see the log')}")
     return result["output"]
+
+
+def _wait_logging_epochs(running: Any, settings: WorkerSettings, pipeline: str, step: str) -> None:
+    """Wait for a retraining task, and log its epochs as the step's progress output reports them."""
+    import ray
+
+    storage = open_worker_storage(settings)
+    last = None
+    try:
+        while not ray.wait([running], timeout=settings.poll_interval_s)[0]:
+            last = _log_step_epoch(storage, pipeline, step, last)
+    finally:
+        storage.engine.dispose()
+
+
+def _log_step_epoch(storage: optuna.storages.RDBStorage, pipeline: str, step: str, last: int | None) -> int | None:
+    """Log the epoch that a retraining step reported, if it is far enough past ``last``.
+
+    Args:
+        last: The epoch logged last, or None before the first reading, which counts from
+            the epoch at which the retraining started or resumed.
+
+    Returns:
+        The epoch logged last after this reading, or None while the step reported none.
+    """
+    from hpo.progress import log_retraining_epoch
+
+    progress = stage_table.get_outputs(storage.engine, pipeline).get(step, {}).get("progress") or {}
+    epoch, epochs = progress.get("epoch"), progress.get("epochs")
+    if not isinstance(epoch, int) or not isinstance(epochs, int) or epochs < 1:
+        return last
+    if last is None:
+        last = int(progress.get("resumed_after") or 0)
+    return log_retraining_epoch(pipeline, step, epoch, epochs, last)
 
 
 def _downstream(records: Sequence[StageRecord], name: str) -> list[str]:

@@ -603,6 +603,29 @@ def test_changed_budgets_lists_resources(tmp_path):
     assert changed == ["nf.search: cpus 1 to 2", "retraining of nf: cpus 1 to 2"]
 
 
+def test_retrain_by_hand_logs_epochs(tmp_path, caplog):
+    from hpo.workers import _log_step_epoch
+    from storage.pipeline import set_output
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'jethpo.db'}")
+    readings = [None, (10, 10), (12, 10), (14, 10), (16, 10), (40, 10)]
+    last = None
+
+    with caplog.at_level("INFO", logger="hpo.progress"):
+        for reading in readings:
+            if reading is not None:
+                epoch, resumed_after = reading
+                progress = {"epoch": epoch, "epochs": 40, "resumed_after": resumed_after}
+                set_output(storage.engine, "smoke", "retrain:nf", {"progress": progress})
+            last = _log_step_epoch(storage, "smoke", "retrain:nf", last)
+    storage.engine.dispose()
+
+    # 40 epochs log every 2, counted from the epoch at which the retraining resumed
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [f"Step retrain:nf of pipeline smoke trained {epoch} of 40 epochs" for epoch in (12, 14, 16, 40)]
+    assert last == 40
+
+
 def test_run_rejects_too_few_jets(tmp_path, jets_path):
     result = CliRunner().invoke(
         app, ["run", "--profile", "quick", "--data", jets_path, "--storage", f"sqlite:///{tmp_path / 'jethpo.db'}"]
