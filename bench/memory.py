@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Return the medians of the numeric readings of one case's runs, with their values per run for the trial time."""
+    """Return the median of each numeric reading over one case's runs, and the trial time of each run."""
     summary = {key: value for key, value in runs[0].items() if not isinstance(value, (int, float))}
     for key, value in runs[0].items():
         if isinstance(value, (int, float)):

@@ -1098,8 +1098,10 @@ def generate_command(
         rdb = _open_storage(url)
         spaces = load_spaces(rdb)
         families = _generating_families(model, spaces)
-        requested = f"a {model} model" if model in _GENERATED_MODELS else f"search space {model}"
-        if model not in _GENERATED_MODELS:
+        if model in _GENERATED_MODELS:
+            requested = f"a {model} model"
+        else:
+            requested = f"search space {model}"
             model = evaluated_model(spaces[model])
         found = []
         for family in families:
@@ -1114,7 +1116,7 @@ def generate_command(
         family, pipeline_name, step = found[0]
         if len(found) > 1:
             others = ", ".join(name for name, _, _ in found[1:])
-            logger.info("Sampling the %s of search space %s. For that of %s, pass its name with --model.", model, family, others)
+            logger.info("Sampling the %s of search space %s. To sample from %s instead, pass its name with --model.", model, family, others)
         output = get_outputs(rdb.engine, pipeline_name).get(step, {})
         if "checkpoint" not in output:
             raise typer.BadParameter(
@@ -1173,19 +1175,19 @@ def _generating_families(model: str, spaces: Mapping[str, Any]) -> list[str]:
     """
     from hpo.pipeline import evaluated_model
 
-    kinds = _GENERATED_MODELS
-    if model in kinds:
+    kinds = ", ".join(_GENERATED_MODELS)
+    if model in _GENERATED_MODELS:
         return [name for name, space in spaces.items() if evaluated_model(space) == model]
     if model not in spaces:
         generating = [name for name, space in spaces.items() if evaluated_model(space) is not None]
         raise typer.BadParameter(
-            f"unknown model {model!r}. Use one of {', '.join(kinds)}, or the name of a search space: {', '.join(generating)}.",
+            f"unknown model {model!r}. Use one of {kinds}, or the name of a search space: {', '.join(generating)}.",
             param_hint="--model",
         )
     if evaluated_model(spaces[model]) is None:
         raise typer.BadParameter(
             f"search space {model!r} trains a reconstruction-tuned ConVAE, which generates no jets of its own. "
-            f"Use one of {', '.join(kinds)}, or a search space of one of these models.",
+            f"Use one of {kinds}, or a search space of one of these models.",
             param_hint="--model",
         )
     return [model]
