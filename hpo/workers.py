@@ -632,12 +632,38 @@ def connect_ray(address: str | None, *, log_to_driver: bool = False) -> bool:
             logger.info("Joined the Ray cluster at %s: %s", address, _describe_resources(ray.cluster_resources()))
             return False
         # "local" starts a new instance even when RAY_ADDRESS or a `ray start` cluster exists
-        ray.init(address="local", include_dashboard=False, **common)
+        with _sigterm_blocked():
+            ray.init(address="local", include_dashboard=False, **common)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise RunError(f"Failed to start or join {where}: {error}. Check the address and that the cluster is running.") from None
     logger.info("Started a local Ray instance: %s", _describe_resources(ray.cluster_resources()))
     return True
+
+
+@contextmanager
+def _sigterm_blocked() -> Iterator[None]:
+    """Block SIGTERM in this thread, so that the processes it starts inherit the block.
+
+    A local Ray instance's processes, its GCS server, raylet and the workers that the raylet
+    starts, inherit the signal mask of the thread that calls ``ray.init``. A SIGTERM sent to
+    the controller's whole process group, as ``timeout`` sends it, or to every process of
+    the run, as a batch system may send it, would otherwise end the GCS server
+    and raylet at once, so that the controller could neither stop its workers nor hand their
+    work back, and end the workers in the middle of their trials. With SIGTERM blocked they
+    leave it to the controller, which hands the work back and ends them with
+    ``ray.shutdown`` (SIGKILL, one second after a SIGTERM that they ignore). Ray blocks
+    SIGINT in them in the same way. A SIGTERM that arrives during ``ray.init`` reaches this
+    process when the block ends.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _describe_resources(resources: Mapping[str, float]) -> str:

@@ -10,6 +10,7 @@ uses the shipped smoke profile. All of them train on the session's Pythia jets.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import getpass
 import json
@@ -27,6 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
+import psutil
 import pytest
 import sqlalchemy
 from optuna.trial import TrialState
@@ -345,7 +347,7 @@ def stage_trials(url: str) -> dict[str, list]:
 class Command:
     """A ``jethpo`` process whose merged stdout and stderr is collected by a thread."""
 
-    def __init__(self, arguments: list[str], env: dict[str, str]) -> None:
+    def __init__(self, arguments: list[str], env: dict[str, str], new_session: bool = False) -> None:
         self.lines: list[str] = []
         self.process = subprocess.Popen(
             [str(JETHPO), *arguments],
@@ -353,6 +355,7 @@ class Command:
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
+            start_new_session=new_session,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -1068,9 +1071,17 @@ class InterruptedRun:
     state_path: Path
 
 
-def interrupt_run(url: str, jets_path: str, tmp_path: Path, env: dict[str, str], signum: int) -> InterruptedRun:
+def interrupt_run(
+    url: str, jets_path: str, tmp_path: Path, env: dict[str, str], signum: int, to: str = "controller"
+) -> InterruptedRun:
     """Start the interrupt profile's run and send it ``signum`` once retrain:quick-vae saved its
-    training state while the slow-vae trial runs, then wait for the run to exit."""
+    training state while the slow-vae trial runs, then wait for the run to exit.
+
+    ``to`` says which processes get the signal: the ``controller`` alone, as ``docker stop``
+    sends it, its ``process-group``, as ``timeout`` sends it, or every process of the run's
+    ``session``, as a batch system may send it. The last two send it to the local Ray
+    instance's processes too, and the last to the workers as well.
+    """
     storage = reader(url)
     for name in ("quick-vae", "slow-vae"):
         path = tmp_path / f"{name}.yaml"
@@ -1090,7 +1101,7 @@ def interrupt_run(url: str, jets_path: str, tmp_path: Path, env: dict[str, str],
     ]  # fmt: skip
 
     admin = admin_engine(url)
-    command = Command(arguments, env)
+    command = Command(arguments, env, new_session=to != "controller")
     interrupted = False
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and command.process.poll() is None:
@@ -1102,8 +1113,16 @@ def interrupt_run(url: str, jets_path: str, tmp_path: Path, env: dict[str, str],
         time.sleep(0.2)
     admin.dispose()
     signalled = time.monotonic()
-    command.process.send_signal(signum)
-    exit_code = command.wait(timeout_s=60)
+    if to == "session":
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getsid(process.pid) == command.process.pid:
+                    process.send_signal(signum)
+    elif to == "process-group":
+        os.killpg(command.process.pid, signum)
+    else:
+        command.process.send_signal(signum)
+    exit_code = command.wait(timeout_s=90)
     return InterruptedRun(arguments, command, interrupted, exit_code, time.monotonic() - signalled, state_path)
 
 
@@ -1143,9 +1162,45 @@ def test_interrupted_run_hands_back_its_work(ray_env, fresh_postgres_url, jets_p
     assert [trial.state for trial in trials["slow-vae.search"]] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
-def test_sigterm_hands_back_work(ray_env, fresh_postgres_url, jets_path, tmp_path):
-    # SIGTERM, as docker stop sends it, must take the same path as Ctrl-C
-    run = interrupt_run(fresh_postgres_url, jets_path, tmp_path, ray_env, signal.SIGTERM)
+_LOCAL_SIGNAL_MASKS = """
+import json, os, signal
+import psutil
+from hpo.workers import connect_ray
+connect_ray(None)
+import ray
+
+def blocks_sigterm(pid):
+    with open(f"/proc/{pid}/status") as status:
+        mask = next(int(line.split()[1], 16) for line in status if line.startswith("SigBlk:"))
+    return bool(mask >> (signal.SIGTERM - 1) & 1)
+
+@ray.remote(num_cpus=0.5)
+def worker_pid():
+    return os.getpid()
+
+summary = {child.name(): blocks_sigterm(child.pid) for child in psutil.Process().children()
+           if child.name() in ("gcs_server", "raylet")}
+summary["worker"] = blocks_sigterm(ray.get(worker_pid.remote(), timeout=120))
+summary["controller"] = blocks_sigterm(os.getpid())
+ray.shutdown()
+print(json.dumps(summary))
+"""
+
+
+def test_local_ray_leaves_sigterm_to_controller(ray_env):
+    finished = subprocess.run(
+        [sys.executable, "-c", _LOCAL_SIGNAL_MASKS], capture_output=True, text=True, env=ray_env, timeout=300
+    )
+
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    summary = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert summary == {"gcs_server": True, "raylet": True, "worker": True, "controller": False}
+
+
+@pytest.mark.parametrize("to", ["controller", "process-group", "session"])
+def test_sigterm_hands_back_work(ray_env, fresh_postgres_url, jets_path, tmp_path, to):
+    # SIGTERM must take the same path as Ctrl-C, whichever processes of the run it reaches
+    run = interrupt_run(fresh_postgres_url, jets_path, tmp_path, ray_env, signal.SIGTERM, to=to)
     admin = admin_engine(fresh_postgres_url)
     stages = {stage.stage: stage for stage in get_stages(admin, "interrupt")}
     admin.dispose()
@@ -1153,6 +1208,7 @@ def test_sigterm_hands_back_work(ray_env, fresh_postgres_url, jets_path, tmp_pat
 
     assert run.interrupted, run.command.output
     assert run.exit_code == 130, run.command.output
+    assert run.exit_s < 20, run.command.output
     assert stages["retrain:quick-vae"].state == StageState.PENDING
     assert [trial.state for trial in trials["slow-vae.search"]] == [TrialState.FAIL, TrialState.WAITING]
     assert "Handed back 1 step and 1 RUNNING trial of 2 stopped workers" in run.command.output
