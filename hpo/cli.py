@@ -192,8 +192,12 @@ def _storage_url(storage_url: str | None, data_dir: Path) -> str:
         raise typer.Exit(1) from None
 
 
-def _open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Open the storage and route Optuna's log records through the root logger."""
+def _open_storage(url: str, must_exist: bool = False) -> optuna.storages.RDBStorage:
+    """Open the storage and route Optuna's log records through the root logger.
+
+    Commands that read what a run stored pass ``must_exist``, so that they report a SQLite
+    file that does not exist instead of creating an empty one.
+    """
     import optuna
 
     from storage import open_storage
@@ -201,7 +205,25 @@ def _open_storage(url: str) -> optuna.storages.RDBStorage:
     # Optuna's own stderr handler would print its records a second time
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
-    return open_storage(url)
+    return open_storage(url, must_exist=must_exist)
+
+
+def _stored_spaces(url: str) -> dict[str, Any]:
+    """Return the shipped search spaces and those added to the storage.
+
+    Before the first run has created a SQLite file, only the shipped ones, without
+    creating the file.
+    """
+    from hpo.studies import builtin_spaces, load_spaces
+    from storage.locks import sqlite_database_path
+    from storage.urls import parse_storage_url
+
+    parsed = parse_storage_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = sqlite_database_path(parsed)
+        if path is not None and not path.exists():
+            return builtin_spaces()
+    return load_spaces(_open_storage(url))
 
 
 def _masked(url: str) -> str:
@@ -262,7 +284,7 @@ def studies_command(
 
     url = _storage_url(storage, data_dir)
     with _exit_on_user_errors(url):
-        rdb = _open_storage(url)
+        rdb = _open_storage(url, must_exist=True)
         summaries = study_summaries(rdb)
 
     if json_output:
@@ -307,7 +329,7 @@ def best_command(
 
     url = _storage_url(storage, data_dir)
     with _exit_on_user_errors(url):
-        rdb = _open_storage(url)
+        rdb = _open_storage(url, must_exist=True)
         space, stage = find_stage(load_spaces(rdb), study)
         summary = best_trial_summary(load_study(rdb, space, stage), space, stage)
 
@@ -412,12 +434,11 @@ def spaces_list(
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
 ) -> None:
     """List the shipped search spaces and those added to the storage."""
-    from hpo.studies import load_spaces, space_origin
+    from hpo.studies import space_origin
 
     url = _storage_url(storage, data_dir)
     with _exit_on_user_errors(url):
-        rdb = _open_storage(url)
-        spaces = load_spaces(rdb)
+        spaces = _stored_spaces(url)
 
     if json_output:
         document = [
@@ -450,12 +471,9 @@ def spaces_show(
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
 ) -> None:
     """Print the YAML text of a search space."""
-    from hpo.studies import load_spaces
-
     url = _storage_url(storage, data_dir)
     with _exit_on_user_errors(url):
-        rdb = _open_storage(url)
-        spaces = load_spaces(rdb)
+        spaces = _stored_spaces(url)
 
     if name not in spaces:
         typer.echo(f"Error: search space {name!r} not found. Known search spaces: {', '.join(spaces)}.", err=True)
@@ -494,7 +512,7 @@ def spaces_validate(
     url = storage or os.environ.get(STORAGE_ENV_VAR) or None
     with _exit_on_user_errors(url):
         space = load_space(path)
-        known = builtin_spaces() if url is None else load_spaces(_open_storage(url))
+        known = builtin_spaces() if url is None else load_spaces(_open_storage(url, must_exist=True))
         same = check_new_space(space, known)
 
     studies = ", ".join(space.study_names)
@@ -957,7 +975,7 @@ def results_command(
 
     url = _storage_url(storage, data_dir)
     with _exit_on_user_errors(url):
-        rdb = _open_storage(url)
+        rdb = _open_storage(url, must_exist=True)
         latest = _latest_results(rdb, pipeline)
         stages = {} if latest is None else {row.stage: row.state for row in get_stages(rdb.engine, latest[0])}
     document = None if latest is None else latest[1]
@@ -1034,7 +1052,7 @@ def retrain_command(
 
     url = _storage_url(storage, data_dir)
     with _exit_on_run_errors(url):
-        rdb = _open_storage(url)
+        rdb = _open_storage(url, must_exist=True)
         spaces = load_spaces(rdb)
         family = next((space.name for space in spaces.values() for stage in space.stages if stage.study_name == study), None)
         if family is None:
@@ -1095,7 +1113,7 @@ def generate_command(
 
     url = _storage_url(storage, data_dir)
     with _exit_on_run_errors(url):
-        rdb = _open_storage(url)
+        rdb = _open_storage(url, must_exist=True)
         spaces = load_spaces(rdb)
         families = _generating_families(model, spaces)
         if model in _GENERATED_MODELS:
@@ -1222,7 +1240,7 @@ def dashboard_command(
 
     url = _storage_url(storage, data_dir)
     with _exit_on_user_errors(url):
-        rdb = _open_storage(url)
+        rdb = _open_storage(url, must_exist=True)
         store = open_artifact_store(resolve_artifact_dir(artifacts, data_dir))
 
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -57,6 +57,7 @@ def open_storage(
     max_overflow: int = 2,
     connect_timeout: int = 10,
     sqlite_busy_timeout: float = 60.0,
+    must_exist: bool = False,
 ) -> optuna.storages.RDBStorage:
     """Open the Optuna storage at ``url``, creating Optuna's and jethpo's tables if missing.
 
@@ -93,6 +94,9 @@ def open_storage(
         max_overflow: Extra connections a process may open at peak load.
         connect_timeout: PostgreSQL connection timeout in seconds.
         sqlite_busy_timeout: SQLite wait for a lock in seconds.
+        must_exist: Refuse a SQLite file that does not exist instead of creating it, for
+            commands that only read or add to what a run stored. A mistyped path then gets
+            an error, not a new empty database.
 
     Returns:
         The storage. Its ``engine`` attribute is the SQLAlchemy engine for
@@ -113,7 +117,7 @@ def open_storage(
         sqlite_busy_timeout=sqlite_busy_timeout,
     )
     if parsed.get_backend_name() == "sqlite":
-        _check_sqlite_folder(parsed, masked)
+        _check_sqlite_folder(parsed, masked, must_exist)
 
     storage_kwargs: dict[str, Any] = {
         "engine_kwargs": engine_kwargs,
@@ -284,9 +288,16 @@ def _engine_kwargs(
     return kwargs
 
 
-def _check_sqlite_folder(url: URL, masked: str) -> None:
+def _check_sqlite_folder(url: URL, masked: str, must_exist: bool) -> None:
     path = sqlite_database_path(url)
-    if path is not None and not path.parent.is_dir():
+    if path is None:
+        return
+    if must_exist and not path.exists():
+        raise StorageError(
+            f"Failed to open storage {masked!r}: the file does not exist. Check the path in --storage "
+            f"or {STORAGE_ENV_VAR}, or start a search with 'jethpo run', which creates it."
+        )
+    if not path.parent.is_dir():
         raise StorageError(
             f"Failed to open storage {masked!r}: folder {str(path.parent)!r} does not exist. "
             f"Create it, or pass another URL with --storage or {STORAGE_ENV_VAR}."

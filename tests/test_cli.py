@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from hpo.cli import app
 from hpo.spaces import builtin_spaces, load_profile, parse_space
-from hpo.studies import open_study
+from hpo.studies import add_space, open_study
 from storage import open_storage
 from storage import pipeline
 
@@ -126,6 +126,19 @@ def write_space(folder: Path, name: str, template: str = SPACE_TEMPLATE) -> Path
     return path
 
 
+def copy_of_nf(folder: Path) -> Path:
+    """Write the shipped nf search space under the name nf-mine to ``folder/space.yaml``."""
+    path = folder / "space.yaml"
+    path.write_text(builtin_spaces()["nf"].to_yaml().replace("name: nf\n", "name: nf-mine\n", 1))
+    return path
+
+
+def add_stored_space(url: str, path: Path) -> None:
+    storage = open_storage(url)
+    add_space(storage, path)
+    storage.engine.dispose()
+
+
 def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
 
@@ -143,14 +156,17 @@ def stderr_lines(text: str) -> list[str]:
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'jethpo.db'}"
+    """URL of a SQLite file with the storage schema and nothing else."""
+    url = f"sqlite:///{tmp_path / 'jethpo.db'}"
+    open_storage(url).engine.dispose()
+    return url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """URL of a database without studies or stored search spaces."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jethpo.db'}"
+        return request.getfixturevalue("sqlite_url")
     return request.getfixturevalue("fresh_postgres_url")
 
 
@@ -204,12 +220,15 @@ def test_spaces_list_json(sqlite_url):
 
 def test_spaces_list_default_storage_in_data_dir(tmp_path):
     data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    add_stored_space(f"sqlite:///{data_dir / 'jethpo.db'}", copy_of_nf(tmp_path))
 
-    result = invoke("spaces", "list", "--data-dir", str(data_dir))
+    result = invoke("spaces", "list", "--json", "--data-dir", str(data_dir))
 
     assert result.exit_code == 0, result.output
-    assert (data_dir / "jethpo.db").is_file()
-    assert "convae-gen" in result.stdout
+    document = json.loads(result.stdout)
+    assert document["storage"] == f"sqlite:///{data_dir / 'jethpo.db'}"
+    assert "nf-mine" in [space["name"] for space in document["spaces"]]
 
 
 def test_spaces_list_data_dir_from_env(tmp_path):
@@ -218,17 +237,19 @@ def test_spaces_list_data_dir_from_env(tmp_path):
     result = CliRunner().invoke(app, ["spaces", "list", "--json"], env={"JETHPO_DATA_DIR": str(data_dir)})
 
     assert result.exit_code == 0, result.output
-    assert (data_dir / "jethpo.db").is_file()
+    assert json.loads(result.stdout)["storage"] == f"sqlite:///{data_dir / 'jethpo.db'}"
 
 
 def test_spaces_list_storage_from_env(tmp_path):
     url = f"sqlite:///{tmp_path / 'env.db'}"
+    add_stored_space(url, copy_of_nf(tmp_path))
 
     result = CliRunner().invoke(app, ["spaces", "list", "--json"], env={"JETHPO_STORAGE": url})
 
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["storage"] == url
-    assert (tmp_path / "env.db").is_file()
+    document = json.loads(result.stdout)
+    assert document["storage"] == url
+    assert "nf-mine" in [space["name"] for space in document["spaces"]]
 
 
 def test_spaces_show_prints_yaml(sqlite_url):
@@ -426,6 +447,44 @@ def test_studies_empty_storage(sqlite_url):
 
     assert result.exit_code == 0, result.output
     assert "No jethpo studies" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["studies"],
+        ["best", "nf.search"],
+        ["results"],
+        ["retrain", "nf"],
+        ["generate", "--model", "nf", "--jets", "10", "--out", "sampled.h5"],
+        ["dashboard"],
+        ["spaces", "validate", "space.yaml"],
+    ],
+    ids=lambda command: command[0] if command[0] != "spaces" else "spaces-validate",
+)
+def test_mistyped_sqlite_path_creates_nothing(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    copy_of_nf(tmp_path)
+    missing = tmp_path / "jethpo.bd"
+
+    result = invoke(*command, "--storage", f"sqlite:///{missing}")
+
+    assert result.exit_code == 1, result.output
+    assert f"Failed to open storage 'sqlite:///{missing}': the file does not exist" in result.output
+    assert "'jethpo run', which creates it" in result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["space.yaml"]
+
+
+@pytest.mark.parametrize("command", [["spaces", "list"], ["spaces", "show", "nf"]], ids=["list", "show"])
+def test_spaces_before_first_run_creates_nothing(tmp_path, command):
+    missing = tmp_path / "jethpo.db"
+
+    result = invoke(*command, "--storage", f"sqlite:///{missing}")
+
+    assert result.exit_code == 0, result.output
+    assert "nf" in result.stdout
+    assert not missing.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_best_json(empty_url):
