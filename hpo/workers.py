@@ -318,6 +318,7 @@ class Worker:
         self._latent_inputs: dict[str, tuple[Any, Any]] = {}
         self._step_runner: StepRunner | None = None
         self._trials_run = 0
+        self._steps_run = 0
         self._swept: dict[str, float] = {}
         self._spaces: dict[str, Any] | None = None
 
@@ -363,7 +364,8 @@ class Worker:
         callback once its heartbeat is stale or, when it already ended as FAIL, by this worker.
 
         Returns:
-            :meth:`identity` plus ``trials``, the number of trials this process ran.
+            :meth:`identity` plus ``trials`` and ``steps``, the numbers of trials and steps
+            that this process ran.
 
         Raises:
             DataMismatchError: The jets file on this node differs from the registered one.
@@ -400,10 +402,12 @@ class Worker:
             if step == "idle":
                 time.sleep(self.settings.poll_interval_s)
 
-        logger.info("%s stopped after %d trials: every stage is done or failed", worker_name, self._trials_run)
+        logger.info(
+            "%s stopped after %s: every stage is done or failed", worker_name, _work_done(self._trials_run, self._steps_run)
+        )
         if self._storage is not None:
             self._storage.engine.dispose()
-        return {**identity, "trials": self._trials_run}
+        return {**identity, "trials": self._trials_run, "steps": self._steps_run}
 
     def _step(self, identity: Mapping[str, Any]) -> str:
         """Run one trial of the most urgent open stage and return "ran", "idle" or "finished"."""
@@ -415,6 +419,7 @@ class Worker:
         for record in claimable_steps(records, self.settings.grace_period):
             if self._steps().claim(record):
                 self._steps().run(record, [item for item in records if item.pipeline == record.pipeline])
+                self._steps_run += 1
                 return "ran"
 
         running = [
@@ -1045,13 +1050,21 @@ def _collect(ref: Any, outcome: PipelineOutcome) -> None:
         outcome.worker_errors.append(message)
         return
     logger.info(
-        "Worker %s on %s (node %s) finished after %d trials%s",
+        "Worker %s on %s (node %s) finished after %s%s",
         summary["worker"],
         summary["hostname"],
         summary["node_id"][:12],
-        summary["trials"],
+        _work_done(summary["trials"], summary["steps"]),
         " since Ray restarted it" if summary["restarted"] else "",
     )
+
+
+def _work_done(trials: int, steps: int) -> str:
+    """Describe a worker's work, such as "5 trials and 1 step"."""
+    done = f"{trials} trial{'' if trials == 1 else 's'}"
+    if steps:
+        done += f" and {steps} step{'' if steps == 1 else 's'}"
+    return done
 
 
 def _stop_workers(pool: WorkerPool, outcome: PipelineOutcome, timeout_s: float) -> None:

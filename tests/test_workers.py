@@ -717,11 +717,14 @@ def test_threaded_workers_share_budget_exactly(fresh_postgres_url, jets_path, ti
     for thread in threads:
         thread.join(timeout=60)
     states = [stage.state for stage in get_stages(storage.engine, "tiny")]
+    n_steps = sum(record.is_step for record in load_stage_records(storage, "tiny"))
     storage.engine.dispose()
 
     assert states == [StageState.DONE] * 5
     assert len(summaries) == 3
     assert sum(summary["trials"] for summary in summaries) == 6
+    assert n_steps > 0
+    assert sum(summary["steps"] for summary in summaries) == n_steps
     trials = assert_budgets_used_exactly(fresh_postgres_url, {"tiny-nf.first": 3, "tiny-nf.second": 3})
     assert len(trials["tiny-nf.first"]) == 3
     assert len(trials["tiny-nf.second"]) == 3
