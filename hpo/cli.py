@@ -1086,6 +1086,7 @@ def generate_command(
     ],
     jets: Annotated[int, typer.Option("--jets", min=1, help="Number of jets to generate.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="HDF5 file to write, in JetNet's layout.", show_default=False)],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --out file if it exists.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Jets per generator call.")] = 10_000,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the latent samples.")] = 0,
     device: Annotated[str, typer.Option("--device", help="Torch device, such as cpu or cuda.")] = "cpu",
@@ -1097,8 +1098,15 @@ def generate_command(
     """Sample jets from a retrained model and write them in JetNet's layout.
 
     The file has particle_features [N, 30, 4] (etarel, phirel, ptrel, mask) and
-    jet_features [N, 4] (pt in GeV, eta, mass in GeV, num_particles), as JetNet's g.hdf5.
+    jet_features [N, 4] (pt in GeV, eta, mass in GeV, num_particles), as JetNet's g.hdf5,
+    and constituents [N, 30, 3] (px, py, pz in GeV), which keeps each jet's direction. Its
+    attributes name the model, its checkpoint, the seed and the jethpo version.
     """
+    if out.is_dir():
+        raise typer.BadParameter(f"{out} is a folder. Pass the path of an HDF5 file.", param_hint="--out")
+    if out.exists() and not overwrite:
+        raise typer.BadParameter(f"{out} exists. Pass --overwrite to replace it, or another --out.", param_hint="--out")
+
     import tempfile
 
     import numpy as np
@@ -1106,7 +1114,7 @@ def generate_command(
 
     from hpo.pipeline import RUN_ATTR, evaluated_model
     from hpo.studies import load_spaces
-    from models.checkpoint import CheckpointError, load_checkpoint, sampler_from_checkpoint
+    from models.checkpoint import CheckpointError, jethpo_version, load_checkpoint, sampler_from_checkpoint
     from models.data import write_jetnet_jets
     from storage.artifacts import download_file, open_artifact_store, resolve_artifact_dir
     from storage.pipeline import get_outputs
@@ -1128,18 +1136,15 @@ def generate_command(
             except typer.BadParameter:
                 continue
         if not found:
-            raise typer.BadParameter(
-                f"no pipeline has retrained {requested} yet. Run 'jethpo run' to the end first.", param_hint="--model"
-            )
+            raise ValueError(f"no pipeline has retrained {requested} yet. Run 'jethpo run' to the end first.")
         family, pipeline_name, step = found[0]
         if len(found) > 1:
             others = ", ".join(name for name, _, _ in found[1:])
             logger.info("Sampling the %s of search space %s. To sample from %s instead, pass its name with --model.", model, family, others)
         output = get_outputs(rdb.engine, pipeline_name).get(step, {})
         if "checkpoint" not in output:
-            raise typer.BadParameter(
-                f"step {step} of pipeline {pipeline_name} has not finished. Run 'jethpo run' or 'jethpo retrain' first.",
-                param_hint="--model",
+            raise ValueError(
+                f"step {step} of pipeline {pipeline_name} has not finished. Run 'jethpo run' or 'jethpo retrain' first."
             )
         run = rdb.get_study_user_attrs(rdb.get_study_id_from_name(output["study"])).get(RUN_ATTR, {})
         store = open_artifact_store(resolve_artifact_dir(artifacts, data_dir) if artifacts else run.get("artifact_dir") or resolve_artifact_dir(None, data_dir))
@@ -1175,6 +1180,7 @@ def generate_command(
                 "checkpoint": output["checkpoint"],
                 "seed": seed,
                 "data_fingerprint": run.get("data_fingerprint", ""),
+                "jethpo_version": jethpo_version(),
             },
         )
     logger.info("Wrote %d jets from the retrained %s of pipeline %s to %s", jets, model, pipeline_name, written)

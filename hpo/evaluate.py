@@ -21,13 +21,13 @@ import os
 import platform
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from models.checkpoint import jethpo_version
 from models.jets import KINEMATIC_NAMES, N_PARTICLES, jet_kinematics_numpy, relative_coordinates
 from models.metrics import JetNetMetricSettings, MetricInputError, evaluate_generated
 
@@ -466,13 +466,6 @@ _COLUMNS = (
 )
 
 
-def _jethpo_version() -> str:
-    try:
-        return metadata.version("jethpo")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _plain_json(value: Any) -> Any:
     """Convert numpy values, paths and tuples to JSON types. Non-finite floats become None."""
     if isinstance(value, Mapping):
@@ -542,7 +535,7 @@ def results_document(
     document = {
         "format": "jethpo-results",
         "format_version": 1,
-        "jethpo_version": _jethpo_version(),
+        "jethpo_version": jethpo_version(),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "pipeline": _plain_json(dict(pipeline)),
         "data": _plain_json(dict(data)),

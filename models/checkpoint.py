@@ -37,6 +37,7 @@ __all__ = [
     "CheckpointError",
     "JetSampler",
     "convae_from_checkpoint",
+    "jethpo_version",
     "load_checkpoint",
     "sampler_from_checkpoint",
     "save_checkpoint",
@@ -61,7 +62,8 @@ class CheckpointError(ValueError):
     names the file or the checkpoint, and the fix."""
 
 
-def _jethpo_version() -> str:
+def jethpo_version() -> str:
+    """Return the installed jethpo version, or "unknown" when jethpo runs from a source tree."""
     try:
         return importlib.metadata.version("jethpo")
     except importlib.metadata.PackageNotFoundError:
@@ -95,7 +97,7 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike[str])
         raise TypeError(f"cannot save {type(checkpoint).__name__} to {path}: expected a checkpoint dict")
     path = Path(path)
     contents = dict(checkpoint)
-    contents.setdefault("jethpo_version", _jethpo_version())
+    contents.setdefault("jethpo_version", jethpo_version())
 
     # open() rather than tempfile.mkstemp, so that the file gets the umask's permissions
     # (mkstemp's 0600 would hide it from a dashboard that runs as another user)

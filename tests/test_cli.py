@@ -475,6 +475,16 @@ def test_mistyped_sqlite_path_creates_nothing(tmp_path, monkeypatch, command):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["space.yaml"]
 
 
+def test_generate_before_retraining(sqlite_url, tmp_path):
+    out = tmp_path / "jets.hdf5"
+
+    result = invoke("generate", "--model", "nf", "--jets", "10", "--out", str(out), "--storage", sqlite_url)
+
+    assert result.exit_code == 1, result.output
+    assert "Error: no pipeline has retrained a nf model yet. Run 'jethpo run' to the end first." in result.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", [["spaces", "list"], ["spaces", "show", "nf"]], ids=["list", "show"])
 def test_spaces_before_first_run_creates_nothing(tmp_path, command):
     missing = tmp_path / "jethpo.db"

@@ -6,6 +6,7 @@ Pythia 8 jets of the session fixture. The module takes a few minutes.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -153,10 +154,29 @@ def test_generate_writes_jets_in_jetnet_layout(smoke_run, model, kind, space, tm
     with h5py.File(out, "r") as written:
         assert written["particle_features"].shape == (120, 30, 4)
         assert written["jet_features"].shape == (120, 4)
+        assert written["constituents"].shape == (120, 30, 3)
         assert written.attrs["model"] == kind
         assert written.attrs["search_space"] == space
+        assert written.attrs["jethpo_version"] == importlib.metadata.version("jethpo")
     jets = read_jets(out)
     assert len(jets) == 120
+
+
+def test_generate_replaces_a_file_only_when_told(smoke_run, tmp_path):
+    out = tmp_path / "jets.hdf5"
+    out.write_bytes(b"earlier jets")
+    command = ("generate", "--model", "nf", "--jets", "20", "--out", str(out))
+
+    kept = jethpo(*command, env=smoke_run["env"], timeout=300)
+
+    assert kept.returncode == 2
+    assert f"{out} exists. Pass --overwrite to replace it" in kept.stderr
+    assert out.read_bytes() == b"earlier jets"
+
+    replaced = jethpo(*command, "--overwrite", env=smoke_run["env"], timeout=300)
+
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert len(read_jets(out)) == 20
 
 
 @pytest.mark.parametrize(
