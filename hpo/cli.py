@@ -136,9 +136,9 @@ def data_generate(
     except GenerationError as error:
         typer.echo(f"Error: {error}", err=True)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         typer.echo("Interrupted. Run the same command again to resume from the finished chunks.", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(_interrupted_exit_code(interrupt)) from None
     typer.echo(str(path))
 
 
@@ -621,7 +621,7 @@ KeepFreedMemoryOption = Annotated[
 
 @contextmanager
 def _exit_on_run_errors(storage_url: str | None) -> Iterator[None]:
-    """Turn run errors into one stderr line and exit 1, and Ctrl-C into exit 130."""
+    """Turn run errors into one stderr line and exit 1, and Ctrl-C or SIGTERM into exit 130 or 143."""
     from hpo.workers import RunError
     from models.generate import GenerationError
 
@@ -631,13 +631,24 @@ def _exit_on_run_errors(storage_url: str | None) -> Iterator[None]:
     except (RunError, GenerationError, ValueError) as error:
         typer.echo(f"Error: {error}", err=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         typer.echo(
             "Interrupted. Run the same command again to resume: interrupted trials run again with the same "
             "parameters, and a retraining continues from its last saved epoch.",
             err=True,
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(_interrupted_exit_code(interrupt)) from None
+
+
+def _interrupted_exit_code(interrupt: KeyboardInterrupt) -> int:
+    """Return 128 plus the signal number, as a shell reports it: 130 for Ctrl-C, 143 for SIGTERM.
+
+    The SIGTERM handlers of ``hpo.workers`` and ``models.generate`` raise KeyboardInterrupt
+    with the argument "SIGTERM".
+    """
+    import signal
+
+    return 128 + (signal.SIGTERM if interrupt.args == ("SIGTERM",) else signal.SIGINT)
 
 
 def _worker_settings(

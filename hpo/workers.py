@@ -1262,10 +1262,13 @@ def _fail_trials_of(
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM, as sent by ``docker stop``, into KeyboardInterrupt in the main thread."""
+    """Turn SIGTERM, as sent by ``docker stop``, into KeyboardInterrupt in the main thread.
+
+    The exception's argument is "SIGTERM", from which the command line picks its exit code.
+    """
 
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
     try:
         previous = signal.signal(signal.SIGTERM, interrupt)

@@ -437,14 +437,15 @@ def test_cli_other_run_in_directory_gives_error(tmp_path, run_directory):
 
 
 @pytest.mark.slow
-def test_cli_ctrl_c_keeps_finished_chunks(tmp_path):
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_cli_interrupt_keeps_finished_chunks(tmp_path, signum, exit_code):
     executable = Path(sys.executable).parent / "jethpo"
     if not executable.exists():
         pytest.skip(f"console script {executable} is not installed")
     command = [str(executable), "data", "generate", "--jets", "2000", "--out", str(tmp_path),
                "--workers", "2", "--chunk-size", "10"]
-    # A new session, so that the SIGINT below reaches the command and its workers, as a
-    # Ctrl-C in a terminal does, and not pytest.
+    # A new session, so that the signal below reaches the command and its workers, as a
+    # Ctrl-C in a terminal or `timeout` does, and not pytest.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     first_chunk = tmp_path / CHUNK_DIRECTORY / "chunk-000000.hdf5"
@@ -453,10 +454,10 @@ def test_cli_ctrl_c_keeps_finished_chunks(tmp_path):
         time.sleep(0.1)
     assert first_chunk.exists(), "no chunk was finished within 120 s"
 
-    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, signum)
     _, stderr = process.communicate(timeout=60)
 
-    assert process.returncode == 130
+    assert process.returncode == exit_code, stderr
     assert "Traceback" not in stderr
     assert "resume" in stderr
     assert not list((tmp_path / CHUNK_DIRECTORY).glob("*.tmp-*"))

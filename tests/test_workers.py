@@ -1210,7 +1210,7 @@ def test_sigterm_hands_back_work(ray_env, fresh_postgres_url, jets_path, tmp_pat
     trials = stage_trials(fresh_postgres_url)
 
     assert run.interrupted, run.command.output
-    assert run.exit_code == 130, run.command.output
+    assert run.exit_code == 143, run.command.output
     assert run.exit_s < 20, run.command.output
     assert stages["retrain:quick-vae"].state == StageState.PENDING
     assert [trial.state for trial in trials["slow-vae.search"]] == [TrialState.FAIL, TrialState.WAITING]
