@@ -589,7 +589,10 @@ HeartbeatIntervalOption = Annotated[
         "--heartbeat-interval",
         envvar="JETHPO_HEARTBEAT_INTERVAL",
         min=1,
-        help="Seconds between heartbeats of a running trial. Use the same value for every jethpo process of a storage.",
+        help=(
+            "Seconds between heartbeats of a running trial or step. Use the same value for every jethpo "
+            "process of a storage."
+        ),
     ),
 ]
 GracePeriodOption = Annotated[
@@ -600,7 +603,8 @@ GracePeriodOption = Annotated[
         min=2,
         help=(
             "Seconds without a heartbeat after which a RUNNING trial is marked FAIL and retried with the "
-            "same parameters. Must be longer than the heartbeat interval."
+            "same parameters, and a started step is taken over by the next worker. Must be longer than the "
+            "heartbeat interval."
         ),
     ),
 ]
