@@ -650,14 +650,14 @@ def connect_ray(address: str | None, *, log_to_driver: bool = False) -> bool:
 def _sigterm_blocked() -> Iterator[None]:
     """Block SIGTERM in this thread, so that the processes it starts inherit the block.
 
-    A local Ray instance's processes, its GCS server, raylet and the workers that the raylet
-    starts, inherit the signal mask of the thread that calls ``ray.init``. A SIGTERM sent to
-    the controller's whole process group, as ``timeout`` sends it, or to every process of
-    the run, as a batch system may send it, would otherwise end the GCS server
-    and raylet at once, so that the controller could neither stop its workers nor hand their
-    work back, and end the workers in the middle of their trials. With SIGTERM blocked they
-    leave it to the controller, which hands the work back and ends them with
-    ``ray.shutdown`` (SIGKILL, one second after a SIGTERM that they ignore). Ray blocks
+    A local Ray instance's processes inherit the signal mask of the thread that calls
+    ``ray.init``: its GCS server, its raylet and the workers that the raylet starts.
+    ``timeout`` sends SIGTERM to the controller's whole process group, and a batch system
+    may send it to every process of the run. Without the block, the GCS server and the
+    raylet would end at once, and the controller could neither stop its workers nor hand
+    their work back. The workers would end in the middle of their trials. With the block,
+    they leave SIGTERM to the controller, which hands the work back and ends them with
+    ``ray.shutdown``: SIGKILL, one second after a SIGTERM that they ignore. Ray blocks
     SIGINT in them in the same way. A SIGTERM that arrives during ``ray.init`` reaches this
     process when the block ends.
     """

@@ -162,15 +162,15 @@ def test_generate_writes_jets_in_jetnet_layout(smoke_run, model, kind, space, tm
     assert len(jets) == 120
 
 
-def test_generate_replaces_a_file_only_when_told(smoke_run, tmp_path):
+def test_generate_overwrite(smoke_run, tmp_path):
     out = tmp_path / "jets.hdf5"
     out.write_bytes(b"earlier jets")
     command = ("generate", "--model", "nf", "--jets", "20", "--out", str(out))
 
-    kept = jethpo(*command, env=smoke_run["env"], timeout=300)
+    refused = jethpo(*command, env=smoke_run["env"], timeout=300)
 
-    assert kept.returncode == 2
-    assert f"{out} exists. Pass --overwrite to replace it" in kept.stderr
+    assert refused.returncode == 2
+    assert f"{out} exists. Pass --overwrite to replace it" in refused.stderr
     assert out.read_bytes() == b"earlier jets"
 
     replaced = jethpo(*command, "--overwrite", env=smoke_run["env"], timeout=300)
