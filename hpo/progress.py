@@ -576,7 +576,9 @@ class PipelineMonitor:
             self._stage_states[key] = stage.state
             changed = previous != stage.state if not first else stage.name in reasons
             if changed:
-                self._log_stage(stage, reasons.get(stage.name, ""), progress)
+                # a step that ran from one reading to the next gets one line for both
+                unseen_start = previous == StageState.PENDING
+                self._log_stage(stage, reasons.get(stage.name, ""), progress, unseen_start)
             # a retraining reports its resume shortly after its claim, so after the start line
             if stage.resumed_after is not None and (key + (stage.resumed_after,)) not in self._resumes_logged:
                 self._resumes_logged.add(key + (stage.resumed_after,))
@@ -619,10 +621,12 @@ class PipelineMonitor:
                 _format_value(stage.best_value),
             )
 
-    def _log_stage(self, stage: StageProgress, reason: str, progress: PipelineProgress) -> None:
+    def _log_stage(self, stage: StageProgress, reason: str, progress: PipelineProgress, unseen_start: bool) -> None:
         if stage.is_step:
             log = logger.warning if stage.state == StageState.FAILED else logger.info
             verb = {StageState.RUNNING: "started", StageState.DONE: "is done", StageState.FAILED: "failed"}
+            if unseen_start:
+                verb[StageState.DONE] = "started and is done"
             detail = ""
             if stage.state == StageState.RUNNING:
                 claimer = f" on {stage.claimed_by}" if stage.claimed_by else ""

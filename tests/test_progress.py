@@ -623,6 +623,20 @@ def test_step_start_logs_estimate(caplog):
     assert messages == ["Step retrain:toy-nf of pipeline toy started on node-b:4242, estimated run time 10m 00s"]
 
 
+def test_step_done_between_readings_logs_its_start(caplog):
+    pending = step_progress("retrain:toy-nf", StageState.PENDING, estimate_s=600.0)
+    done = step_progress("retrain:toy-nf", StageState.DONE, estimate_s=600.0)
+    monitor = PipelineMonitor(log_trials=False)
+    monitor.update(PipelineProgress(stages=(pending,), workers=1), {})
+
+    with caplog.at_level(logging.INFO, logger="hpo.progress"):
+        monitor.update(PipelineProgress(stages=(done,), workers=1), {})
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1
+    assert messages[0].startswith("Step retrain:toy-nf of pipeline toy started and is done. Pipeline ETA")
+
+
 # storage
 
 
