@@ -1102,6 +1102,13 @@ HAND_BACK_LIMIT_S = _IDENTITY_TIMEOUT_S + _STOP_TIMEOUT_S + _HAND_BACK_TIMEOUT_S
 must wait longer than this before it kills the controller."""
 
 
+def _warn_interrupted_hand_back() -> None:
+    logger.warning(
+        "Interrupted again while handing back the work of the stopped workers. What is left is taken over "
+        "after the grace period."
+    )
+
+
 def _hand_back_work(storage: optuna.storages.RDBStorage, pipelines: Sequence[str], pool: WorkerPool) -> None:
     """End the workers of an interrupted run and hand the steps and trials they held back to the storage.
 
@@ -1119,6 +1126,9 @@ def _hand_back_work(storage: optuna.storages.RDBStorage, pipelines: Sequence[str
     try:
         identities = pool.identities(timeout_s=_IDENTITY_TIMEOUT_S)
         ended = pool.stop(timeout_s=_STOP_TIMEOUT_S)
+    except KeyboardInterrupt:
+        _warn_interrupted_hand_back()
+        raise
     except Exception as error:
         # Ray may be failing too, as when the controller lost the cluster
         logger.warning(
@@ -1147,10 +1157,7 @@ def _hand_back_work(storage: optuna.storages.RDBStorage, pipelines: Sequence[str
     try:
         thread.join(_HAND_BACK_TIMEOUT_S)
     except KeyboardInterrupt:
-        logger.warning(
-            "Interrupted again while handing back the work of the stopped workers. What is left is taken over "
-            "after the grace period."
-        )
+        _warn_interrupted_hand_back()
         raise
     if thread.is_alive():
         logger.warning(
@@ -1265,9 +1272,18 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM, as sent by ``docker stop``, into KeyboardInterrupt in the main thread.
 
     The exception's argument is "SIGTERM", from which the command line picks its exit code.
+    Later SIGTERMs are ignored, because the stop is under way: GNU ``timeout`` sends the
+    signal to the controller and then to its process group, and the second one would cut
+    the hand-back short. A Ctrl-C still does.
     """
+    stopping = False
 
     def interrupt(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        # no log line here: writing to stderr from a signal handler can interrupt another write
+        if stopping:
+            return
+        stopping = True
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     try:
