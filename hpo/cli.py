@@ -1127,6 +1127,7 @@ def generate_command(
     import numpy as np
     import torch
 
+    from hpo.objectives import check_device
     from hpo.pipeline import RUN_ATTR, evaluated_model
     from hpo.studies import load_spaces
     from models.checkpoint import CheckpointError, jethpo_version, load_checkpoint, sampler_from_checkpoint
@@ -1136,6 +1137,7 @@ def generate_command(
 
     url = _storage_url(storage, data_dir)
     with _exit_on_run_errors(url):
+        check_device(device)
         rdb = _open_storage(url, must_exist=True)
         spaces = load_spaces(rdb)
         families = _generating_families(model, spaces)

@@ -67,6 +67,7 @@ __all__ = [
     "FAIL_REASONS",
     "TrialData",
     "TrialFailure",
+    "check_device",
     "encode_latents",
     "prepare_data",
     "run_trial",
@@ -216,7 +217,7 @@ def prepare_data(
             ``n_jets`` is below ``models.data.MIN_JETS``.
         ValueError: The device is invalid or not available, or the seed is negative.
     """
-    torch_device = _check_device(device)
+    torch_device = check_device(device)
     data = read_jets(path)
 
     # selection
@@ -268,7 +269,8 @@ def prepare_data(
     )
 
 
-def _check_device(device: str) -> torch.device:
+def check_device(device: str) -> torch.device:
+    """Return ``device`` as a torch device, or raise ValueError that says which devices exist."""
     try:
         torch_device = torch.device(device)
     except (RuntimeError, TypeError) as error:

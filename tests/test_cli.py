@@ -20,6 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
@@ -473,6 +474,21 @@ def test_mistyped_sqlite_path_creates_nothing(tmp_path, monkeypatch, command):
     assert f"Failed to open storage 'sqlite:///{missing}': the file does not exist" in result.output
     assert "'jethpo run', which creates it" in result.output
     assert sorted(path.name for path in tmp_path.iterdir()) == ["space.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [("bogus", "invalid device 'bogus'"), ("cuda", "PyTorch finds no CUDA GPU. Use cpu.")],
+)
+def test_generate_rejects_device(sqlite_url, tmp_path, device, expected):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    result = invoke("generate", "--model", "nf", "--jets", "10", "--out", str(tmp_path / "jets.hdf5"),
+                    "--device", device, "--storage", sqlite_url)  # fmt: skip
+
+    assert result.exit_code == 1, result.output
+    assert expected in result.stderr
+    assert "Traceback" not in result.output
 
 
 def test_generate_before_retraining(sqlite_url, tmp_path):
