@@ -270,7 +270,7 @@ def prepare_data(
 
 
 def check_device(device: str) -> torch.device:
-    """Return ``device`` as a torch device, or raise ValueError that says which devices exist."""
+    """Return ``device`` as a torch device, or raise ValueError that names the devices PyTorch finds."""
     try:
         torch_device = torch.device(device)
     except (RuntimeError, TypeError) as error:
