@@ -1152,6 +1152,10 @@ def generate_command(
                 found.append((family, *_find_step(rdb, "retrain", family, pipeline)))
             except typer.BadParameter:
                 continue
+        if not found and pipeline is not None:
+            raise ValueError(
+                f"pipeline {pipeline!r} has not retrained {requested}. Check --pipeline, or run 'jethpo run' to the end first."
+            )
         if not found:
             raise ValueError(f"no pipeline has retrained {requested} yet. Run 'jethpo run' to the end first.")
         family, pipeline_name, step = found[0]

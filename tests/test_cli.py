@@ -491,13 +491,21 @@ def test_generate_rejects_device(sqlite_url, tmp_path, device, expected):
     assert "Traceback" not in result.output
 
 
-def test_generate_before_retraining(sqlite_url, tmp_path):
+@pytest.mark.parametrize(
+    ("pipeline", "expected"),
+    [
+        ([], "Error: no pipeline has retrained a nf model yet. Run 'jethpo run' to the end first."),
+        (["--pipeline", "quick"], "Error: pipeline 'quick' has not retrained a nf model. Check --pipeline"),
+    ],
+    ids=["any", "named"],
+)
+def test_generate_before_retraining(sqlite_url, tmp_path, pipeline, expected):
     out = tmp_path / "jets.hdf5"
 
-    result = invoke("generate", "--model", "nf", "--jets", "10", "--out", str(out), "--storage", sqlite_url)
+    result = invoke("generate", "--model", "nf", "--jets", "10", "--out", str(out), "--storage", sqlite_url, *pipeline)
 
     assert result.exit_code == 1, result.output
-    assert "Error: no pipeline has retrained a nf model yet. Run 'jethpo run' to the end first." in result.stderr
+    assert expected in result.stderr
     assert not out.exists()
 
 
