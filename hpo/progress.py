@@ -425,7 +425,13 @@ def read_progress(
 
 
 def _with_reported_epochs(stage: StageProgress, reported: Mapping[str, Any]) -> StageProgress:
-    """Return ``stage`` with the epochs a running retraining reported and an estimate from its pace."""
+    """Return ``stage`` with the epochs a running retraining reported and an estimate from its pace.
+
+    Epochs reported under another claim, by a run that was interrupted, are left out: their
+    pace would be measured against this claim's running time.
+    """
+    if reported.get("claimed_by") != stage.claimed_by:
+        return stage
     try:
         epoch = int(reported["epoch"])
         epochs = int(reported["epochs"])

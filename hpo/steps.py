@@ -317,8 +317,9 @@ class StepRunner:
         resumed_after = int(resume.get("epoch") or 0) if resume is not None else 0
 
         def report_epoch(epoch: int) -> None:
-            # the controller's progress view reads it (hpo.progress.read_progress)
-            progress = {"epoch": epoch, "epochs": budget.epochs, "resumed_after": resumed_after}
+            # the controller's progress view reads it (hpo.progress.read_progress), and the
+            # claimer tells it apart from the progress of an earlier, interrupted claim
+            progress = {"epoch": epoch, "epochs": budget.epochs, "resumed_after": resumed_after, "claimed_by": self.owner}
             stage_table.set_output(self.storage.engine, record.pipeline, record.name, {"progress": progress})
 
         def save_state(state: dict) -> None:

@@ -294,7 +294,7 @@ def test_resumed_retraining_estimated_from_pace():
     claimed_at = NOW - datetime.timedelta(seconds=200)
     retrain = step_record(RETRAIN, "toy-nf", StageState.RUNNING, ("toy-nf.only",), claimed_at=claimed_at)
     trials = {"toy-nf.only": [trial(0, TrialState.COMPLETE, 80.0, value=1.0)]}
-    outputs = {("toy", "retrain:toy-nf"): {"progress": {"epoch": 15, "epochs": 30, "resumed_after": 10}}}
+    outputs = {("toy", "retrain:toy-nf"): {"progress": {"epoch": 15, "epochs": 30, "resumed_after": 10, "claimed_by": "node-b:4242"}}}
 
     progress = read_progress([search, retrain], trials, workers=1, now=NOW, step_outputs=outputs)
 
@@ -304,12 +304,30 @@ def test_resumed_retraining_estimated_from_pace():
     assert row_of(rendered(progress), "retrain:toy-nf")[2:4] == ["epoch", "15/30"]
 
 
+def test_progress_of_an_earlier_claim_ignored():
+    # the interrupted run reached epoch 4 of 10; the new claim started 1 s ago
+    search = search_record("toy-nf.only", "toy-nf", StageState.DONE)
+    claimed_at = NOW - datetime.timedelta(seconds=1)
+    retrain = step_record(RETRAIN, "toy-nf", StageState.RUNNING, ("toy-nf.only",), claimed_at=claimed_at)
+    trials = {"toy-nf.only": [trial(0, TrialState.COMPLETE, 80.0, value=1.0)]}
+    earlier = {"epoch": 4, "epochs": 10, "resumed_after": 0, "claimed_by": "node-a:1111"}
+    outputs = {("toy", "retrain:toy-nf"): {"progress": earlier}}
+
+    progress = read_progress([search, retrain], trials, workers=1, now=NOW, step_outputs=outputs)
+
+    step = progress.stages[1]
+    assert step.epoch is None
+    assert step.resumed_after is None
+    # the estimate from the search's pace, not 1 s over 4 epochs
+    assert progress.stage_eta_s(step) > 60.0
+
+
 def test_retraining_before_first_epoch_uses_search_pace():
     search = search_record("toy-nf.only", "toy-nf", StageState.DONE)
     claimed_at = NOW - datetime.timedelta(seconds=30)
     retrain = step_record(RETRAIN, "toy-nf", StageState.RUNNING, ("toy-nf.only",), claimed_at=claimed_at)
     trials = {"toy-nf.only": [trial(0, TrialState.COMPLETE, 80.0, value=1.0)]}
-    outputs = {("toy", "retrain:toy-nf"): {"progress": {"epoch": 10, "epochs": 30, "resumed_after": 10}}}
+    outputs = {("toy", "retrain:toy-nf"): {"progress": {"epoch": 10, "epochs": 30, "resumed_after": 10, "claimed_by": "node-b:4242"}}}
 
     progress = read_progress([search, retrain], trials, workers=1, now=NOW, step_outputs=outputs)
 
