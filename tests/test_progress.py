@@ -305,7 +305,7 @@ def test_resumed_retraining_estimated_from_pace():
 
 
 def test_progress_of_an_earlier_claim_ignored():
-    # the interrupted run reached epoch 4 of 10; the new claim started 1 s ago
+    # the interrupted run reached epoch 4 of 10, and the new claim started 1 s ago
     search = search_record("toy-nf.only", "toy-nf", StageState.DONE)
     claimed_at = NOW - datetime.timedelta(seconds=1)
     retrain = step_record(RETRAIN, "toy-nf", StageState.RUNNING, ("toy-nf.only",), claimed_at=claimed_at)
