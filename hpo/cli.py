@@ -62,8 +62,8 @@ DataDirOption = Annotated[
         "--data-dir",
         envvar=DATA_DIR_ENV_VAR,
         help=(
-            "Data directory that contains the default SQLite storage jethpo.db. It is created "
-            "when that default is used."
+            "Data directory that contains the default SQLite storage jethpo.db. A command that "
+            "stores data there creates it."
         ),
     ),
 ]
@@ -177,12 +177,16 @@ def _exit_on_user_errors(storage_url: str | None = None) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _storage_url(storage_url: str | None, data_dir: Path) -> str:
-    """Return ``--storage``, else ``JETHPO_STORAGE``, else the SQLite file in the data directory."""
+def _storage_url(storage_url: str | None, data_dir: Path, create_data_dir: bool = True) -> str:
+    """Return ``--storage``, else ``JETHPO_STORAGE``, else the SQLite file in the data directory.
+
+    Commands that only read a storage pass ``create_data_dir=False``, so that they leave no
+    empty data directory behind.
+    """
     from storage import resolve_storage_url
 
     try:
-        return resolve_storage_url(storage_url, data_dir)
+        return resolve_storage_url(storage_url, data_dir, create_data_dir=create_data_dir)
     except OSError as error:
         typer.echo(
             f"Error: failed to create the data directory {str(data_dir)!r}: {error.strerror}. "
@@ -282,7 +286,7 @@ def studies_command(
     """List the studies in the storage with their trial counts, best EMD_sum and budget."""
     from hpo.studies import REPORTED_STATES, study_summaries
 
-    url = _storage_url(storage, data_dir)
+    url = _storage_url(storage, data_dir, create_data_dir=False)
     with _exit_on_user_errors(url):
         rdb = _open_storage(url, must_exist=True)
         summaries = study_summaries(rdb)
@@ -327,7 +331,7 @@ def best_command(
     """Show the best COMPLETE trial of a study with all its parameters and user attributes."""
     from hpo.studies import best_trial_summary, find_stage, load_spaces, load_study
 
-    url = _storage_url(storage, data_dir)
+    url = _storage_url(storage, data_dir, create_data_dir=False)
     with _exit_on_user_errors(url):
         rdb = _open_storage(url, must_exist=True)
         space, stage = find_stage(load_spaces(rdb), study)
@@ -436,7 +440,7 @@ def spaces_list(
     """List the shipped search spaces and those added to the storage."""
     from hpo.studies import space_origin
 
-    url = _storage_url(storage, data_dir)
+    url = _storage_url(storage, data_dir, create_data_dir=False)
     with _exit_on_user_errors(url):
         spaces = _stored_spaces(url)
 
@@ -471,7 +475,7 @@ def spaces_show(
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
 ) -> None:
     """Print the YAML text of a search space."""
-    url = _storage_url(storage, data_dir)
+    url = _storage_url(storage, data_dir, create_data_dir=False)
     with _exit_on_user_errors(url):
         spaces = _stored_spaces(url)
 
@@ -988,7 +992,7 @@ def results_command(
     """Print the final evaluation table: the models, the truth row and the published rows."""
     from storage.pipeline import StageState, get_stages
 
-    url = _storage_url(storage, data_dir)
+    url = _storage_url(storage, data_dir, create_data_dir=False)
     with _exit_on_user_errors(url):
         rdb = _open_storage(url, must_exist=True)
         latest = _latest_results(rdb, pipeline)
@@ -1065,7 +1069,7 @@ def retrain_command(
     from hpo.studies import load_spaces
     from hpo.workers import retrain_by_hand
 
-    url = _storage_url(storage, data_dir)
+    url = _storage_url(storage, data_dir, create_data_dir=False)
     with _exit_on_run_errors(url):
         rdb = _open_storage(url, must_exist=True)
         spaces = load_spaces(rdb)
@@ -1135,7 +1139,7 @@ def generate_command(
     from storage.artifacts import download_file, open_artifact_store, resolve_artifact_dir
     from storage.pipeline import get_outputs
 
-    url = _storage_url(storage, data_dir)
+    url = _storage_url(storage, data_dir, create_data_dir=False)
     with _exit_on_run_errors(url):
         check_device(device)
         rdb = _open_storage(url, must_exist=True)
@@ -1265,7 +1269,7 @@ def dashboard_command(
 
     from storage.artifacts import open_artifact_store, resolve_artifact_dir
 
-    url = _storage_url(storage, data_dir)
+    url = _storage_url(storage, data_dir, create_data_dir=False)
     with _exit_on_user_errors(url):
         rdb = _open_storage(url, must_exist=True)
         store = open_artifact_store(resolve_artifact_dir(artifacts, data_dir))

@@ -49,21 +49,24 @@ class StorageError(Exception):
     """
 
 
-def default_storage_url(data_dir: Path) -> str:
+def default_storage_url(data_dir: Path, create: bool = True) -> str:
     """Create the data directory and return the URL of the embedded SQLite database in it.
 
     Args:
         data_dir: Data directory. A relative path is resolved against the working directory.
+        create: Whether to create the data directory. Commands that only read a storage
+            leave it alone.
 
     Returns:
         ``sqlite:///<absolute data_dir>/jethpo.db``.
     """
     folder = Path(data_dir).expanduser().resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(folder / DEFAULT_DATABASE_FILENAME).as_posix()}"
 
 
-def resolve_storage_url(url: str | None, data_dir: Path) -> str:
+def resolve_storage_url(url: str | None, data_dir: Path, create_data_dir: bool = True) -> str:
     """Pick the storage URL: the explicit value, else ``JETHPO_STORAGE``, else SQLite.
 
     Empty strings count as unset, so ``JETHPO_STORAGE=`` falls back to the default. The URL
@@ -72,7 +75,8 @@ def resolve_storage_url(url: str | None, data_dir: Path) -> str:
     Args:
         url: Value of ``--storage``, or ``None`` when the option was not given.
         data_dir: Data directory that contains the default SQLite file. It is created only
-            when the default is used.
+            when the default is used and ``create_data_dir`` is set.
+        create_data_dir: Whether to create the data directory for the default.
 
     Returns:
         The storage URL as a string.
@@ -86,7 +90,7 @@ def resolve_storage_url(url: str | None, data_dir: Path) -> str:
         logger.debug("Using the storage URL from %s: %s", STORAGE_ENV_VAR, mask_password(from_env))
         return from_env
 
-    default = default_storage_url(data_dir)
+    default = default_storage_url(data_dir, create=create_data_dir)
     logger.debug("Using the embedded SQLite storage %s", default)
     return default
 

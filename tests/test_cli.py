@@ -239,6 +239,18 @@ def test_spaces_list_data_dir_from_env(tmp_path):
 
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["storage"] == f"sqlite:///{data_dir / 'jethpo.db'}"
+    assert not data_dir.exists()
+
+
+def test_studies_before_first_run_creates_no_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("JETHPO_STORAGE", raising=False)
+    data_dir = tmp_path / "jethpo-data"
+
+    result = invoke("studies", "--data-dir", str(data_dir))
+
+    assert result.exit_code == 1, result.output
+    assert "the file does not exist" in result.stderr
+    assert not data_dir.exists()
 
 
 def test_spaces_list_storage_from_env(tmp_path):
