@@ -1132,7 +1132,7 @@ def generate_command(
     import torch
 
     from hpo.objectives import check_device
-    from hpo.pipeline import RUN_ATTR, evaluated_model
+    from hpo.pipeline import RUN_ATTR, evaluated_model, pipeline_names
     from hpo.studies import load_spaces
     from models.checkpoint import CheckpointError, jethpo_version, load_checkpoint, sampler_from_checkpoint
     from models.data import write_jetnet_jets
@@ -1157,9 +1157,13 @@ def generate_command(
             except typer.BadParameter:
                 continue
         if not found and pipeline is not None:
-            raise ValueError(
-                f"pipeline {pipeline!r} has not retrained {requested}. Check --pipeline, or run 'jethpo run' to the end first."
-            )
+            names = pipeline_names(rdb)
+            if pipeline not in names:
+                raise ValueError(
+                    f"no pipeline {pipeline!r} in {_masked(url)}. Pipelines there: {', '.join(names) or 'none'}. "
+                    "Check --pipeline."
+                )
+            raise ValueError(f"pipeline {pipeline!r} has not retrained {requested} yet. Run 'jethpo run' to the end first.")
         if not found:
             raise ValueError(f"no pipeline has retrained {requested} yet. Run 'jethpo run' to the end first.")
         family, pipeline_name, step = found[0]

@@ -506,8 +506,8 @@ def test_generate_rejects_device(sqlite_url, tmp_path, device, expected):
 @pytest.mark.parametrize(
     ("pipeline", "expected"),
     [
-        ([], "Error: no pipeline has retrained a nf model yet. Run 'jethpo run' to the end first."),
-        (["--pipeline", "quick"], "Error: pipeline 'quick' has not retrained a nf model. Check --pipeline"),
+        ([], ["Error: no pipeline has retrained a nf model yet. Run 'jethpo run' to the end first."]),
+        (["--pipeline", "quick"], ["Error: no pipeline 'quick' in sqlite:///", "Pipelines there: none. Check --pipeline."]),
     ],
     ids=["any", "named"],
 )
@@ -517,7 +517,8 @@ def test_generate_before_retraining(sqlite_url, tmp_path, pipeline, expected):
     result = invoke("generate", "--model", "nf", "--jets", "10", "--out", str(out), "--storage", sqlite_url, *pipeline)
 
     assert result.exit_code == 1, result.output
-    assert expected in result.stderr
+    for text in expected:
+        assert text in result.stderr
     assert not out.exists()
 
 
