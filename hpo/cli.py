@@ -219,14 +219,10 @@ def _stored_spaces(url: str) -> dict[str, Any]:
     creating the file.
     """
     from hpo.studies import builtin_spaces, load_spaces
-    from storage.locks import sqlite_database_path
-    from storage.urls import parse_storage_url
+    from storage.rdb import missing_sqlite_file
 
-    parsed = parse_storage_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        path = sqlite_database_path(parsed)
-        if path is not None and not path.exists():
-            return builtin_spaces()
+    if missing_sqlite_file(url) is not None:
+        return builtin_spaces()
     return load_spaces(_open_storage(url))
 
 
@@ -1160,8 +1156,8 @@ def generate_command(
             names = pipeline_names(rdb)
             if pipeline not in names:
                 raise ValueError(
-                    f"no pipeline {pipeline!r} in {_masked(url)}. Pipelines there: {', '.join(names) or 'none'}. "
-                    "Check --pipeline."
+                    f"pipeline {pipeline!r} not found in {_masked(url)}. Registered pipelines: "
+                    f"{', '.join(names) or 'none'}. Check --pipeline."
                 )
             raise ValueError(f"pipeline {pipeline!r} has not retrained {requested} yet. Run 'jethpo run' to the end first.")
         if not found:

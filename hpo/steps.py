@@ -318,7 +318,7 @@ class StepRunner:
 
         def report_epoch(epoch: int) -> None:
             # the controller's progress view reads it (hpo.progress.read_progress), and the
-            # claimer separates it from the progress of an earlier, interrupted claim
+            # claimer distinguishes it from the progress of an earlier, interrupted claim
             progress = {"epoch": epoch, "epochs": budget.epochs, "resumed_after": resumed_after, "claimed_by": self.owner}
             stage_table.set_output(self.storage.engine, record.pipeline, record.name, {"progress": progress})
 

@@ -660,6 +660,9 @@ def _sigterm_blocked() -> Iterator[None]:
     ``ray.shutdown``: SIGKILL, one second after a SIGTERM that they ignore. Ray blocks
     SIGINT in them in the same way. A SIGTERM that arrives during ``ray.init`` reaches this
     process when the block ends.
+
+    NOTE: so ``kill PID`` no longer ends a single worker of a local instance, and
+    ``kill -9 PID`` is needed. Ray then restarts the worker.
     """
     if not hasattr(signal, "pthread_sigmask"):
         yield

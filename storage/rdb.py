@@ -10,6 +10,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -36,7 +37,7 @@ except ImportError:
 
     _STALE_CALLBACK_ARGUMENT = "failed_trial_callback"
 
-__all__ = ["open_storage", "read_study_user_attrs", "record_heartbeats", "set_trial_user_attrs"]
+__all__ = ["missing_sqlite_file", "open_storage", "read_study_user_attrs", "record_heartbeats", "set_trial_user_attrs"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +95,9 @@ def open_storage(
         max_overflow: Extra connections a process may open at peak load.
         connect_timeout: PostgreSQL connection timeout in seconds.
         sqlite_busy_timeout: SQLite wait for a lock in seconds.
-        must_exist: Refuse a SQLite file that does not exist instead of creating it, for
-            commands that only read or add to what a run stored. A mistyped path then gets
-            an error, not a new empty database.
+        must_exist: Raise StorageError for a SQLite file that does not exist instead of
+            creating it, for commands that only read what a run stored. A mistyped path then
+            gets an error, not a new empty database.
 
     Returns:
         The storage. Its ``engine`` attribute is the SQLAlchemy engine for
@@ -288,13 +289,27 @@ def _engine_kwargs(
     return kwargs
 
 
+def missing_sqlite_file(url: str | URL) -> Path | None:
+    """Return the file of a SQLite URL when it does not exist, else None.
+
+    PostgreSQL URLs, in-memory SQLite databases and existing files give None.
+    """
+    parsed = parse_storage_url(url) if isinstance(url, str) else url
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    path = sqlite_database_path(parsed)
+    if path is None or path.exists():
+        return None
+    return path
+
+
 def _check_sqlite_folder(url: URL, masked: str, must_exist: bool) -> None:
     path = sqlite_database_path(url)
     if path is None:
         return
-    if must_exist and not path.exists():
+    if must_exist and missing_sqlite_file(url) is not None:
         raise StorageError(
-            f"Failed to open storage {masked!r}: the file does not exist. Check the path in --storage "
+            f"Failed to open storage {masked!r}: database file not found. Check the path in --storage "
             f"or {STORAGE_ENV_VAR}, or start a search with 'jethpo run', which creates it."
         )
     if not path.parent.is_dir():

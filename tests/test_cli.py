@@ -242,14 +242,14 @@ def test_spaces_list_data_dir_from_env(tmp_path):
     assert not data_dir.exists()
 
 
-def test_studies_before_first_run_creates_no_data_dir(tmp_path, monkeypatch):
+def test_studies_leaves_no_data_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("JETHPO_STORAGE", raising=False)
     data_dir = tmp_path / "jethpo-data"
 
     result = invoke("studies", "--data-dir", str(data_dir))
 
     assert result.exit_code == 1, result.output
-    assert "the file does not exist" in result.stderr
+    assert "database file not found" in result.stderr
     assert not data_dir.exists()
 
 
@@ -483,7 +483,7 @@ def test_mistyped_sqlite_path_creates_nothing(tmp_path, monkeypatch, command):
     result = invoke(*command, "--storage", f"sqlite:///{missing}")
 
     assert result.exit_code == 1, result.output
-    assert f"Failed to open storage 'sqlite:///{missing}': the file does not exist" in result.output
+    assert f"Failed to open storage 'sqlite:///{missing}': database file not found" in result.output
     assert "'jethpo run', which creates it" in result.output
     assert sorted(path.name for path in tmp_path.iterdir()) == ["space.yaml"]
 
@@ -507,7 +507,7 @@ def test_generate_rejects_device(sqlite_url, tmp_path, device, expected):
     ("pipeline", "expected"),
     [
         ([], ["Error: no pipeline has retrained a nf model yet. Run 'jethpo run' to the end first."]),
-        (["--pipeline", "quick"], ["Error: no pipeline 'quick' in sqlite:///", "Pipelines there: none. Check --pipeline."]),
+        (["--pipeline", "quick"], ["Error: pipeline 'quick' not found in sqlite:///", "Registered pipelines: none. Check --pipeline."]),
     ],
     ids=["any", "named"],
 )
@@ -523,7 +523,7 @@ def test_generate_before_retraining(sqlite_url, tmp_path, pipeline, expected):
 
 
 @pytest.mark.parametrize("command", [["spaces", "list"], ["spaces", "show", "nf"]], ids=["list", "show"])
-def test_spaces_before_first_run_creates_nothing(tmp_path, command):
+def test_spaces_without_database_file(tmp_path, command):
     missing = tmp_path / "jethpo.db"
 
     result = invoke(*command, "--storage", f"sqlite:///{missing}")

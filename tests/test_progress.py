@@ -304,7 +304,7 @@ def test_resumed_retraining_estimated_from_pace():
     assert row_of(rendered(progress), "retrain:toy-nf")[2:4] == ["epoch", "15/30"]
 
 
-def test_progress_of_an_earlier_claim_ignored():
+def test_earlier_claim_progress_ignored():
     # the interrupted run reached epoch 4 of 10, and the new claim started 1 s ago
     search = search_record("toy-nf.only", "toy-nf", StageState.DONE)
     claimed_at = NOW - datetime.timedelta(seconds=1)
@@ -641,7 +641,7 @@ def test_step_start_logs_estimate(caplog):
     assert messages == ["Step retrain:toy-nf of pipeline toy started on node-b:4242, estimated run time 10m 00s"]
 
 
-def test_step_done_between_readings_logs_its_start(caplog):
+def test_unseen_step_start_logged(caplog):
     pending = step_progress("retrain:toy-nf", StageState.PENDING, estimate_s=600.0)
     done = step_progress("retrain:toy-nf", StageState.DONE, estimate_s=600.0)
     monitor = PipelineMonitor(log_trials=False)

@@ -167,10 +167,10 @@ def test_generate_overwrite(smoke_run, tmp_path):
     out.write_bytes(b"earlier jets")
     command = ("generate", "--model", "nf", "--jets", "20", "--out", str(out))
 
-    refused = jethpo(*command, env=smoke_run["env"], timeout=300)
+    rejected = jethpo(*command, env=smoke_run["env"], timeout=300)
 
-    assert refused.returncode == 2
-    assert f"{out} exists. Pass --overwrite to replace it" in refused.stderr
+    assert rejected.returncode == 2
+    assert f"{out} exists. Pass --overwrite to replace it" in rejected.stderr
     assert out.read_bytes() == b"earlier jets"
 
     replaced = jethpo(*command, "--overwrite", env=smoke_run["env"], timeout=300)
