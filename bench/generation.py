@@ -44,6 +44,8 @@ from bench.common import (
     interleave,
     matmul_flops_per_s,
     median,
+    positive_float,
+    positive_int,
     print_table,
     select_device,
     synchronize,
@@ -152,11 +154,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark with command-line arguments ``argv`` and return what it writes to its JSON file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_device_argument(parser)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10, 100, 1000, 10000], help="jets per network call")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements per model and batch size")
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="minimum wall time of one measurement")
-    parser.add_argument("--max-jets", type=int, default=200_000, help="most jets one measurement makes")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matrices of the matmul ceiling")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 10, 100, 1000, 10000], help="jets per network call")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="measurements per model and batch size")
+    parser.add_argument("--min-seconds", type=positive_float, default=1.0, help="minimum wall time of one measurement")
+    parser.add_argument("--max-jets", type=positive_int, default=200_000, help="most jets one measurement makes")
+    parser.add_argument("--matmul-size", type=positive_int, default=2048, help="side of the square matrices of the matmul ceiling")
     parser.add_argument(
         "--models", nargs="+", choices=("ConVAE", "ConVAE+NF", "NF"), default=["ConVAE", "ConVAE+NF", "NF"], help="models to time"
     )

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_device_argument(parser)
     parser.add_argument("--paper-size", action="store_true", help=f"tile the jets up to the paper's {PAPER_JETS} jets")
-    parser.add_argument("--train-jets", type=int, default=1000, help="training jets the trial iterates over")
+    parser.add_argument("--train-jets", type=positive_int, default=1000, help="training jets the trial iterates over")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="cases to run")
     parser.add_argument(
         "--malloc", nargs="+", choices=list(MALLOC_SETTINGS), default=list(MALLOC_SETTINGS), help="malloc settings to run each case with"

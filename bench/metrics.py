@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import add_device_argument, jets_file, print_table, select_device, write_results
+from bench.common import add_device_argument, jets_file, positive_int, print_table, select_device, write_results
 
 __all__ = ["main", "timed_metrics"]
 
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark with command-line arguments ``argv`` and return what it writes to its JSON file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_device_argument(parser)
-    parser.add_argument("--n-jets", type=int, default=5000, help="jets in each sample")
+    parser.add_argument("--n-jets", type=positive_int, default=5000, help="jets in each sample")
     parser.add_argument("--seed", type=int, default=0, help="seed of the jetnet metrics")
     parser.add_argument("--no-fpnd", action="store_true", help="leave out FPND")
-    parser.add_argument("--fpnd-max-jets", type=int, default=50_000, help="jets that FPND passes through ParticleNet")
+    parser.add_argument("--fpnd-max-jets", type=positive_int, default=50_000, help="jets that FPND passes through ParticleNet")
     parser.add_argument("--jets", default=None, help="jets file with at least --n-jets jets; default: generated Pythia jets")
     args = parser.parse_args(argv)
 
