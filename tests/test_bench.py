@@ -25,6 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench.orchestration", ["--repeats", "0"], "argument --repeats: expected an integer of at least 1"),
         ("bench.memory", ["--repeats", "0"], "argument --repeats: expected an integer of at least 1, got '0'"),
         ("bench.memory", ["--threads", "0"], "argument --threads: expected an integer of at least 1, got '0'"),
+        ("bench.memory", ["--train-jets", "0"], "argument --train-jets: expected an integer of at least 1, got '0'"),
+        ("bench.training", ["--repeats", "0"], "argument --repeats: expected an integer of at least 1, got '0'"),
+        ("bench.training", ["--jets-per-epoch", "-100"], "argument --jets-per-epoch: expected an integer of at least 1"),
+        ("bench.generation", ["--batch-sizes", "1", "0"], "argument --batch-sizes: expected an integer of at least 1, got '0'"),
+        ("bench.generation", ["--min-seconds", "nan"], "argument --min-seconds: expected a finite number greater than 0"),
+        ("bench.metrics", ["--n-jets", "0"], "argument --n-jets: expected an integer of at least 1, got '0'"),
     ],
 )
 def test_bench_rejects_bad_option(module, options, expected):
@@ -52,3 +58,19 @@ def test_bad_admin_url_names_option(admin_url, cause):
     assert cause in message
     assert "secret" not in message
     assert "Pass --admin-url" in message
+
+
+def test_widest_convolution_flops():
+    import torch
+
+    from bench.training import WIDEST_CONVOLUTION, widest_convolution_pass
+
+    shape = WIDEST_CONVOLUTION
+    _, flops = widest_convolution_pass(torch.device("cpu"))
+
+    kernel_width = shape["kernel_size"][1]
+    outputs = 100 * shape["out_channels"] * (shape["width"] - kernel_width + 1)
+    forward = 2 * outputs * shape["in_channels"] * kernel_width
+    # backward to the input and to the weight, each as costly as the forward pass
+    assert flops == 3 * forward
+
