@@ -694,6 +694,21 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _warn_replaced(output: Path, n_jets: int) -> None:
+    """Warn when ``output`` holds another number of jets, because the new file replaces it."""
+    try:
+        with h5py.File(output, "r") as file:
+            previous = int(file.attrs["n_jets"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return
+    if previous != n_jets:
+        logger.warning(
+            "replacing %s, which held %d jets, with %d jets. A pipeline registered on the old file "
+            "rejects the new one. Run again with --jets %d to write the old file back from the kept chunks.",
+            output, previous, n_jets, previous,
+        )
+
+
 def generate_jets(
     n_jets: int,
     out_dir: str | os.PathLike,
@@ -804,6 +819,7 @@ def generate_jets(
         elapsed = time.perf_counter() - start
 
         output = out_dir / OUTPUT_NAME
+        _warn_replaced(output, n_jets)
         _write_jets_file(output, chunk_paths, n_jets, seed, identity)
 
     if n_missing:

@@ -345,6 +345,28 @@ def test_finished_run_rewrites_file_without_generating(tmp_path, run_directory, 
     assert_same_jets(read_jets_file(path), jets)
 
 
+@pytest.mark.slow
+def test_fewer_jets_warns_and_keeps_chunks(tmp_path, run_directory, jets, caplog):
+    directory = tmp_path / "run"
+    shutil.copytree(run_directory, directory)
+
+    with caplog.at_level(logging.INFO, logger="models.generate"):
+        generate_jets(30, directory, seed=SEED, workers=1, chunk_size=CHUNK_SIZE, progress=False)
+    assert f"which held {N_JETS} jets, with 30 jets" in caplog.text
+    assert f"--jets {N_JETS}" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="models.generate"):
+        path = generate_jets(N_JETS, directory, seed=SEED, workers=1, chunk_size=CHUNK_SIZE, progress=False)
+    assert "0 of 3 chunks" in caplog.text
+    assert_same_jets(read_jets_file(path), jets)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="models.generate"):
+        generate_jets(N_JETS, directory, seed=SEED, workers=1, chunk_size=CHUNK_SIZE, progress=False)
+    assert "replacing" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
