@@ -253,11 +253,13 @@ class Epoch:
 WIDEST_CONVOLUTION = {"in_channels": 300, "out_channels": 600, "kernel_size": (1, 3), "width": 24}
 
 
-def widest_convolution_pass(device: torch.device) -> tuple[Callable[[], None], int]:
-    """Return one training pass of the generation-tuned ConVAE's widest convolution and its FLOPs.
+def widest_convolution_pass(device: torch.device, backward: bool = True) -> tuple[Callable[[], None], int]:
+    """Return one pass of the generation-tuned ConVAE's widest convolution and its FLOPs.
 
-    The pass is the forward convolution of a batch of 100 and the backward pass to its input
-    and weight. Its FLOPs are counted with ``FlopCounterMode``, as the training FLOPs are.
+    The pass is the forward convolution of a batch of 100 and, with ``backward``, the
+    backward pass to its input and weight, as in training. Without it the forward pass runs
+    without gradients, as in generation. Its FLOPs are counted with ``FlopCounterMode``, as
+    the model's FLOPs are.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -265,21 +267,25 @@ def widest_convolution_pass(device: torch.device) -> tuple[Callable[[], None], i
     generator = torch.Generator().manual_seed(0)
     layer = torch.nn.Conv2d(shape["in_channels"], shape["out_channels"], shape["kernel_size"]).to(device)
     x = torch.rand(BATCH_SIZE, shape["in_channels"], 1, shape["width"], generator=generator).to(device)
-    x.requires_grad_(True)
+    x.requires_grad_(backward)
 
     def one_pass() -> None:
-        layer(x).sum().backward()
+        if backward:
+            layer(x).sum().backward()
+            return
+        with torch.no_grad():
+            layer(x)
 
     with FlopCounterMode(display=False) as counter:
         one_pass()
     return one_pass, counter.get_total_flops()
 
 
-def convolution_flops_per_s(device: torch.device, min_seconds: float = 1.0) -> float:
+def convolution_flops_per_s(device: torch.device, min_seconds: float = 1.0, backward: bool = True) -> float:
     """Measure the FLOP/s of :func:`widest_convolution_pass`, repeated until ``min_seconds`` have passed."""
     import time
 
-    one_pass, flops = widest_convolution_pass(device)
+    one_pass, flops = widest_convolution_pass(device, backward)
     synchronize(device)
     count = 0
     started = time.perf_counter()

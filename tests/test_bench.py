@@ -67,10 +67,12 @@ def test_widest_convolution_flops():
 
     shape = WIDEST_CONVOLUTION
     _, flops = widest_convolution_pass(torch.device("cpu"))
+    _, forward_only = widest_convolution_pass(torch.device("cpu"), backward=False)
 
     kernel_width = shape["kernel_size"][1]
     outputs = 100 * shape["out_channels"] * (shape["width"] - kernel_width + 1)
     forward = 2 * outputs * shape["in_channels"] * kernel_width
     # backward to the input and to the weight, each as costly as the forward pass
     assert flops == 3 * forward
+    assert forward_only == forward
 
