@@ -229,6 +229,25 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def calls_per_s(call: Callable[[], Any], device, min_seconds: float = 1.0) -> float:
+    """Run ``call`` until ``min_seconds`` have passed and return its calls per second.
+
+    The device is synchronized every 4 calls and at the end, so GPU work is timed whole.
+    The caller makes any warm-up call first.
+    """
+    synchronize(device)
+    count = 0
+    started = time.perf_counter()
+    while True:
+        call()
+        count += 1
+        if count % 4 == 0:
+            synchronize(device)
+            elapsed = time.perf_counter() - started
+            if elapsed >= min_seconds:
+                return count / elapsed
+
+
 def matmul_flops_per_s(device, size: int = 2048, min_seconds: float = 1.0) -> float:
     """Measure float32 matrix-multiplication FLOP/s: ``size x size`` times ``size x size``.
 
@@ -242,17 +261,7 @@ def matmul_flops_per_s(device, size: int = 2048, min_seconds: float = 1.0) -> fl
     b = torch.rand(size, size, generator=generator).to(device)
     out = torch.empty(size, size, device=device)
     torch.mm(a, b, out=out)
-    synchronize(device)
-    count = 0
-    started = time.perf_counter()
-    while True:
-        torch.mm(a, b, out=out)
-        count += 1
-        if count % 4 == 0:
-            synchronize(device)
-            elapsed = time.perf_counter() - started
-            if elapsed >= min_seconds:
-                return 2 * size**3 * count / elapsed
+    return 2 * size**3 * calls_per_s(lambda: torch.mm(a, b, out=out), device, min_seconds)
 
 
 # data

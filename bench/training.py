@@ -63,6 +63,7 @@ import torch
 
 from bench.common import (
     add_device_argument,
+    calls_per_s,
     interleave,
     jets_file,
     matmul_flops_per_s,
@@ -283,20 +284,8 @@ def widest_convolution_pass(device: torch.device, backward: bool = True) -> tupl
 
 def convolution_flops_per_s(device: torch.device, min_seconds: float = 1.0, backward: bool = True) -> float:
     """Measure the FLOP/s of :func:`widest_convolution_pass`, repeated until ``min_seconds`` have passed."""
-    import time
-
     one_pass, flops = widest_convolution_pass(device, backward)
-    synchronize(device)
-    count = 0
-    started = time.perf_counter()
-    while True:
-        one_pass()
-        count += 1
-        if count % 4 == 0:
-            synchronize(device)
-            elapsed = time.perf_counter() - started
-            if elapsed >= min_seconds:
-                return flops * count / elapsed
+    return flops * calls_per_s(one_pass, device, min_seconds)
 
 
 def train_one_epoch(size: str, data, train, validation) -> Epoch:
