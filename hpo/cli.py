@@ -138,7 +138,7 @@ def data_generate(
         raise typer.Exit(2) from None
     except KeyboardInterrupt as interrupt:
         typer.echo("Interrupted. Run the same command again to resume from the finished chunks.", err=True)
-        raise typer.Exit(_interrupted_exit_code(interrupt)) from None
+        raise _exit_after_interrupt(interrupt) from None
     typer.echo(str(path))
 
 
@@ -641,18 +641,24 @@ def _exit_on_run_errors(storage_url: str | None) -> Iterator[None]:
             "parameters, and a retraining continues from its last saved epoch.",
             err=True,
         )
-        raise typer.Exit(_interrupted_exit_code(interrupt)) from None
+        raise _exit_after_interrupt(interrupt) from None
 
 
-def _interrupted_exit_code(interrupt: KeyboardInterrupt) -> int:
-    """Return 128 plus the signal number, as a shell reports it: 130 for Ctrl-C, 143 for SIGTERM.
+def _exit_after_interrupt(interrupt: KeyboardInterrupt) -> typer.Exit:
+    """Ignore further Ctrl-C and SIGTERM, and return the exit with 128 plus the signal number.
 
-    The SIGTERM handlers of ``hpo.workers`` and ``models.generate`` raise KeyboardInterrupt
-    with the argument "SIGTERM".
+    The code is what a shell reports: 130 for Ctrl-C, 143 for SIGTERM. The SIGTERM handlers
+    of ``hpo.workers`` and ``models.generate`` raise KeyboardInterrupt with the argument
+    "SIGTERM". The command has finished its cleanup by then, and a Ctrl-C during the
+    interpreter's exit would only end it by the signal instead of the code.
     """
     import signal
+    import threading
 
-    return 128 + (signal.SIGTERM if interrupt.args == ("SIGTERM",) else signal.SIGINT)
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
+    return typer.Exit(128 + (signal.SIGTERM if interrupt.args == ("SIGTERM",) else signal.SIGINT))
 
 
 def _worker_settings(

@@ -674,6 +674,38 @@ def _sigterm_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+@contextmanager
+def _interrupts_ignored(local: bool) -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM in the block when ``local``, in the main thread only.
+
+    ``ray.shutdown`` of a local instance takes a few seconds, because its processes block
+    SIGTERM (:func:`_sigterm_blocked`) and Ray waits a second for each before SIGKILL. A
+    second Ctrl-C in that time used to cut the shutdown short and leave Ray processes that
+    ignore SIGTERM. Leaving a joined cluster only disconnects, so there the signals stay.
+    """
+    if not local or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _shutdown_ray(local: bool, pool: WorkerPool | None = None) -> None:
+    """End the pool's actors, if any, and disconnect from Ray, stopping the instance when ``local``."""
+    import ray
+
+    with _interrupts_ignored(local):
+        if local:
+            logger.info("Stopping the local Ray instance")
+        if pool is not None:
+            pool.kill()
+        ray.shutdown()
+
+
 def _describe_resources(resources: Mapping[str, float]) -> str:
     return f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
 
@@ -1637,9 +1669,7 @@ def _drive(
     log_to_driver: bool,
 ) -> PipelineOutcome:
     pool: WorkerPool | None = None
-    # connect_ray sets environment variables that Ray reads when it is first imported
-    connect_ray(address, log_to_driver=log_to_driver)
-    import ray
+    local = connect_ray(address, log_to_driver=log_to_driver)
 
     # after connect_ray, because ray.init (Ray 2.60) replaces the SIGTERM handler with one
     # that calls sys.exit, which would skip the hand-back below
@@ -1662,10 +1692,8 @@ def _drive(
                 _hand_back_work(storage, pipelines, pool)
             raise
         finally:
-            if pool is not None:
-                # after another error, the running trials and steps go stale and are taken over
-                pool.kill()
-            ray.shutdown()
+            # after another error, the running trials and steps go stale and are taken over
+            _shutdown_ray(local, pool)
             storage.engine.dispose()
     return outcome
 
@@ -1755,7 +1783,7 @@ def retrain_by_hand(
     finally:
         storage.engine.dispose()
 
-    connect_ray(address)
+    local = connect_ray(address)
     import ray
 
     try:
@@ -1774,7 +1802,7 @@ def retrain_by_hand(
         cause = getattr(error, "cause", None)
         raise RunError(str(cause) if cause is not None else str(error).strip().splitlines()[-1]) from None
     finally:
-        ray.shutdown()
+        _shutdown_ray(local)
     if result["state"] != "done":
         raise RunError(f"Retraining {step} of pipeline {pipeline} failed: {result['output'].get('error', 'see the log')}")
     return result["output"]

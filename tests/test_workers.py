@@ -1084,6 +1084,8 @@ def interrupt_run(
     sends it, the controller and then its whole process group, as GNU ``timeout`` sends it,
     or every process of the run's ``session``, as a batch system may send it. The last two
     send it to the local Ray instance's processes too, and the last to the workers as well.
+    ``repeated`` sends it to the controller every 0.3 s until it exits, as an impatient user
+    presses Ctrl-C.
     """
     storage = reader(url)
     for name in ("quick-vae", "slow-vae"):
@@ -1121,6 +1123,10 @@ def interrupt_run(
             with contextlib.suppress(psutil.Error, ProcessLookupError):
                 if os.getsid(process.pid) == command.process.pid:
                     process.send_signal(signum)
+    elif to == "repeated":
+        while command.process.poll() is None:
+            command.process.send_signal(signum)
+            time.sleep(0.3)
     elif to == "timeout":
         # the second signal arrives while the controller hands the work back
         command.process.send_signal(signum)
@@ -1218,6 +1224,27 @@ def test_sigterm_hands_back_work(ray_env, fresh_postgres_url, jets_path, tmp_pat
     assert stages["retrain:quick-vae"].state == StageState.PENDING
     assert [trial.state for trial in trials["slow-vae.search"]] == [TrialState.FAIL, TrialState.WAITING]
     assert "Handed back 1 step and 1 RUNNING trial of 2 stopped workers" in run.command.output
+
+
+def test_repeated_interrupt_stops_ray(ray_env, fresh_postgres_url, jets_path, tmp_path):
+    # Ctrl-C pressed again and again may cut the hand-back short, but not the shutdown of
+    # the local Ray instance, whose processes ignore SIGTERM
+    run = interrupt_run(fresh_postgres_url, jets_path, tmp_path, ray_env, signal.SIGINT, to="repeated")
+    session = run.command.process.pid
+    deadline = time.monotonic() + 10
+    left = ["?"]
+    while left and time.monotonic() < deadline:
+        left = []
+        for process in psutil.process_iter(["name"]):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getsid(process.pid) == session:
+                    left.append(process.info["name"])
+        time.sleep(0.5)
+
+    assert run.interrupted, run.command.output
+    assert run.exit_code == 130, run.command.output
+    assert "Stopping the local Ray instance" in run.command.output
+    assert left == [], run.command.output
 
 
 def _can_restart_postgres(url: str) -> str | None:
