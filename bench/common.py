@@ -90,6 +90,20 @@ def describe_hardware(device: str = "cpu") -> dict[str, Any]:
     return info
 
 
+def run_benchmark(main: Callable[[], Any]) -> None:
+    """Run a benchmark's ``main`` as a script, with warnings logged to stderr.
+
+    Ctrl-C ends it with exit code 130 and one line instead of a traceback. Every script writes
+    its result file at the end, so an interrupted run writes none.
+    """
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("Interrupted before the result file was written.", file=sys.stderr)
+        sys.exit(130)
+
+
 def write_results(name: str, payload: Mapping[str, Any], device: str = "cpu") -> Path:
     """Write one benchmark's results with the command line and the hardware to ``bench/results/``.
 
@@ -160,16 +174,36 @@ def interleave(cases: Mapping[str, Callable[[], float]], repeats: int) -> dict[s
 # devices
 
 
-def positive_int(text: str) -> int:
-    """Parse an option value that must be an integer of at least 1, for ``argparse``."""
-    message = f"expected an integer of at least 1, got {text!r}"
+def _bounded_int(text: str, minimum: int) -> int:
+    message = f"expected an integer of at least {minimum}, got {text!r}"
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(message) from None
-    if value < 1:
+    if value < minimum:
         raise argparse.ArgumentTypeError(message)
     return value
+
+
+def positive_int(text: str) -> int:
+    """Parse an option value that must be an integer of at least 1, for ``argparse``."""
+    return _bounded_int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """Parse an option value that must be an integer of 0 or more, such as a seed, for ``argparse``."""
+    return _bounded_int(text, 0)
+
+
+def result_name(text: str) -> str:
+    """Parse the name of a result file under ``bench/results/``, for ``argparse``.
+
+    The name is checked before the benchmark runs, so that a name the script cannot write
+    does not lose the results at the end.
+    """
+    if not text or text in (".", "..") or "/" in text or "\\" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"expected a file name without a folder, got {text!r}")
+    return text
 
 
 def _finite_float(text: str, *, allow_zero: bool) -> float:

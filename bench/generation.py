@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
 import time
 from typing import Any
 
@@ -50,6 +49,8 @@ from bench.common import (
     positive_float,
     positive_int,
     print_table,
+    result_name,
+    run_benchmark,
     select_device,
     synchronize,
     write_results,
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--models", nargs="+", choices=("ConVAE", "ConVAE+NF", "NF"), default=["ConVAE", "ConVAE+NF", "NF"], help="models to time"
     )
-    parser.add_argument("--output", default="generation", help="name of the result file under bench/results/")
+    parser.add_argument("--output", type=result_name, default="generation", help="name of the result file under bench/results/")
     args = parser.parse_args(argv)
 
     device = select_device(args.device, args.threads)
@@ -248,5 +249,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    main()
+    run_benchmark(main)

@@ -49,7 +49,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS_DIR, add_device_argument, interleave, jets_file, median, positive_int, print_table, write_results
+from bench.common import (
+    RESULTS_DIR,
+    add_device_argument,
+    interleave,
+    jets_file,
+    median,
+    positive_int,
+    print_table,
+    result_name,
+    run_benchmark,
+    write_results,
+)
 from hpo.host_memory import TRAINING_MALLOC_ENV
 
 __all__ = ["CASES", "main", "tiled_jets_file"]
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--repeats", type=positive_int, default=1, help="runs of every case and malloc setting, in rotating order")
     parser.add_argument("--jets", default=None, help="jets file; default: generated Pythia jets")
-    parser.add_argument("--output", default="memory", help="name of the result file under bench/results/")
+    parser.add_argument("--output", type=result_name, default="memory", help="name of the result file under bench/results/")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -235,5 +246,4 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    main()
+    run_benchmark(main)

@@ -29,14 +29,22 @@ import argparse
 import contextlib
 import functools
 import logging
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from bench.common import add_device_argument, jets_file, positive_int, print_table, select_device, write_results
+from bench.common import (
+    add_device_argument,
+    jets_file,
+    non_negative_int,
+    positive_int,
+    print_table,
+    run_benchmark,
+    select_device,
+    write_results,
+)
 
 __all__ = ["main", "timed_metrics"]
 
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_device_argument(parser)
     parser.add_argument("--n-jets", type=positive_int, default=5000, help="jets in each sample")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the jetnet metrics")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the jetnet metrics")
     parser.add_argument("--no-fpnd", action="store_true", help="leave out FPND")
     parser.add_argument("--fpnd-max-jets", type=positive_int, default=50_000, help="jets that FPND passes through ParticleNet")
     parser.add_argument("--jets", default=None, help="jets file with at least --n-jets jets; default: generated Pythia jets")
@@ -155,5 +163,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    main()
+    run_benchmark(main)

@@ -43,7 +43,6 @@ import logging
 import pstats
 import random
 import socket
-import sys
 import tempfile
 import time
 import warnings
@@ -62,6 +61,7 @@ from bench.common import (
     median,
     positive_int,
     print_table,
+    run_benchmark,
     throwaway_postgres,
     write_results,
 )
@@ -704,5 +704,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    main()
+    run_benchmark(main)

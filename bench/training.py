@@ -54,7 +54,6 @@ import functools
 import logging
 import math
 import resource
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +69,7 @@ from bench.common import (
     median,
     positive_int,
     print_table,
+    run_benchmark,
     select_device,
     synchronize,
     write_results,
@@ -467,5 +467,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    main()
+    run_benchmark(main)

@@ -52,7 +52,6 @@ import functools
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -69,6 +68,8 @@ from bench.common import (
     positive_float,
     positive_int,
     print_table,
+    result_name,
+    run_benchmark,
     throwaway_postgres,
     write_results,
 )
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=["jethpo", "before-third"],
         help="jethpo as it is, with the storage libraries imported inside the timed run, and as before the third, the second or all three fixes of bench.orchestration",
     )
-    parser.add_argument("--output", default="workers", help="name of the result file under bench/results/")
+    parser.add_argument("--output", type=result_name, default="workers", help="name of the result file under bench/results/")
     parser.add_argument("--timeout", type=positive_float, default=600, help="seconds one worker count may take")
     parser.add_argument("--admin-url", default=DEFAULT_POSTGRES_ADMIN_URL, help="PostgreSQL URL allowed to create databases")
     parser.add_argument("--jets", default=None, help="jets file for the workers' data preparation; default: generated Pythia jets")
@@ -458,5 +459,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    main()
+    run_benchmark(main)

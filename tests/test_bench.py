@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import throwaway_postgres
+from bench.common import run_benchmark, throwaway_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench.generation", ["--batch-sizes", "1", "0"], "argument --batch-sizes: expected an integer of at least 1, got '0'"),
         ("bench.generation", ["--min-seconds", "nan"], "argument --min-seconds: expected a finite number greater than 0"),
         ("bench.metrics", ["--n-jets", "0"], "argument --n-jets: expected an integer of at least 1, got '0'"),
+        ("bench.metrics", ["--seed", "-1"], "argument --seed: expected an integer of at least 0, got '-1'"),
+        ("bench.generation", ["--output", "sub/name"], "argument --output: expected a file name without a folder, got 'sub/name'"),
+        ("bench.workers", ["--output", ".."], "argument --output: expected a file name without a folder, got '..'"),
+        ("bench.memory", ["--output", ""], "argument --output: expected a file name without a folder, got ''"),
     ],
 )
 def test_bench_rejects_bad_option(module, options, expected):
@@ -75,4 +79,15 @@ def test_widest_convolution_flops():
     # backward to the input and to the weight, each as costly as the forward pass
     assert flops == 3 * forward
     assert forward_only == forward
+
+
+def test_interrupted_benchmark_exits_130(capsys):
+    def interrupted_main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_benchmark(interrupted_main)
+
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "Interrupted before the result file was written.\n"
 
