@@ -2232,11 +2232,10 @@ def load_profile(name_or_path: str | Path) -> Profile:
         profiles = builtin_profiles()
         if text not in profiles:
             raise ProfileError(
-                "profile name",
+                f"profile {text!r}",
                 "",
-                "unknown profile",
-                text,
-                f"Use one of {', '.join(profiles)}, or pass the path of a profile YAML file.",
+                "not found",
+                fix=f"Use one of {', '.join(profiles)}, or pass the path of a profile YAML file.",
             )
         return profiles[text]
     return parse_profile(_read_text(name_or_path, ProfileError), text)

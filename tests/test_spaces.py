@@ -974,7 +974,7 @@ def test_load_profile_by_path(tmp_path):
 
 
 def test_unknown_profile_name_rejected():
-    with pytest.raises(ProfileError, match="'fast': unknown profile. Use one of paper, quick, smoke"):
+    with pytest.raises(ProfileError, match="profile 'fast': not found. Use one of paper, quick, smoke"):
         load_profile("fast")
 
 

@@ -461,7 +461,7 @@ def register_on_sqlite(tmp_path, profile: str, families=None, data_path=None, pr
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
-    [(["--data", "/no/such/jets.hdf5"], "not found"), (["--profile", "smok"], "unknown profile")],
+    [(["--data", "/no/such/jets.hdf5"], "not found"), (["--profile", "smok"], "profile 'smok': not found")],
 )
 def test_run_rejects_input_before_storage(tmp_path, arguments, message):
     result = CliRunner().invoke(app, ["run", "--data-dir", str(tmp_path / "data"), *arguments], env={"JETHPO_STORAGE": ""})
