@@ -637,8 +637,9 @@ def _exit_on_run_errors(storage_url: str | None) -> Iterator[None]:
         raise typer.Exit(1) from None
     except KeyboardInterrupt as interrupt:
         typer.echo(
-            "Interrupted. Run the same command again to resume: interrupted trials run again with the same "
-            "parameters, and a retraining continues from its last saved epoch.",
+            "Interrupted. Run the same command again to resume: finished chunks of generated jets are kept, "
+            "interrupted trials run again with the same parameters, and a retraining continues from its last "
+            "saved epoch.",
             err=True,
         )
         raise _exit_after_interrupt(interrupt) from None
@@ -1214,7 +1215,9 @@ def generate_command(
                 "jethpo_version": jethpo_version(),
             },
         )
-    logger.info("Wrote %d jets from the retrained %s of pipeline %s to %s", jets, model, pipeline_name, written)
+    logger.info(
+        "Wrote %d jets from the retrained %s of search space %s, pipeline %s, to %s", jets, model, family, pipeline_name, written
+    )
     typer.echo(str(written))
 
 
