@@ -695,7 +695,7 @@ def _default_workers() -> int:
 
 
 def _warn_replaced(output: Path, n_jets: int) -> None:
-    """Warn when ``output`` holds another number of jets, because the new file replaces it."""
+    """Warn when ``output`` contains another number of jets, because the new file replaces it."""
     try:
         with h5py.File(output, "r") as file:
             previous = int(file.attrs["n_jets"])
