@@ -22,6 +22,8 @@ matmul FLOP/s measured in the same run. The run also times the forward pass of t
 ConVAE convolution (``bench.training.convolution_flops_per_s``), because the convolutions
 go through oneDNN, which can be faster than the BLAS behind ``torch.mm``. The floor at the
 faster of the two rates is given as well, the tighter bound where the convolution is faster.
+Each round also times one hidden layer of the flow as ``nn.Linear`` and through oneDNN
+(:func:`linear_flops_per_s`), to show what the linear layers could reach.
 
 Run from the repository root::
 
@@ -43,6 +45,7 @@ import torch
 
 from bench.common import (
     add_device_argument,
+    calls_per_s,
     interleave,
     matmul_flops_per_s,
     median,
@@ -130,6 +133,35 @@ def count_generation_flops(sampler, batch: int = 100) -> float:
     return counter.get_total_flops() / batch
 
 
+#: A hidden layer of the ConVAE+NF flow (400 to 350 nodes) at a batch of 1,000 jets, the best
+#: batch size on every machine so far.
+LINEAR_SHAPE = {"batch": 1000, "in_features": 400, "out_features": 350}
+
+
+def linear_flops_per_s(device: torch.device, onednn: bool, min_seconds: float = 1.0) -> float | None:
+    """Measure the FLOP/s of one flow layer, ``nn.Linear`` as the samplers run it or through oneDNN.
+
+    ``nn.Linear`` on the CPU calls the BLAS library (MKL in the PyPI builds of torch). With
+    ``onednn`` the same layer is converted by ``torch.utils.mkldnn.to_mkldnn``, which runs it
+    through oneDNN. The samplers do not do that, so the rate is a measure of what the linear
+    layers could reach. Returns None for oneDNN on a GPU or where torch lacks oneDNN.
+    """
+    if onednn and (device.type != "cpu" or not torch.backends.mkldnn.is_available()):
+        return None
+    shape = LINEAR_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(shape["in_features"], shape["out_features"]).to(device).eval()
+    x = torch.rand(shape["batch"], shape["in_features"], generator=generator).to(device)
+    if onednn:
+        from torch.utils import mkldnn
+
+        layer = mkldnn.to_mkldnn(torch.nn.Sequential(layer))
+    flops = 2 * shape["batch"] * shape["in_features"] * shape["out_features"]
+    with torch.no_grad():
+        layer(x)
+        return flops * calls_per_s(lambda: layer(x), device, min_seconds)
+
+
 def time_per_jet(sampler, batch_size: int, min_seconds: float, max_jets: int) -> float:
     """Return seconds per jet of ``sample_gev`` in batches of ``batch_size``.
 
@@ -175,6 +207,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flops = {name: count_generation_flops(sampler) for name, sampler in samplers.items()}
     matmul_runs = [matmul_flops_per_s(device, args.matmul_size)]
     convolution_runs = [convolution_flops_per_s(device, backward=False)]
+    linear_runs = {"torch": [], "onednn": []}
+
+    def measure_linear() -> None:
+        for name, runs in linear_runs.items():
+            rate = linear_flops_per_s(device, onednn=name == "onednn")
+            if rate is not None:
+                runs.append(rate)
+
+    measure_linear()
 
     rows = []
     for batch_size in args.batch_sizes:
@@ -187,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append({"model": name, "batch_size": batch_size, "us_per_jet": median(seconds) * 1e6, "runs_us": [v * 1e6 for v in seconds]})
         matmul_runs.append(matmul_flops_per_s(device, args.matmul_size))
         convolution_runs.append(convolution_flops_per_s(device, backward=False))
+        measure_linear()
         latest = rows[-len(samplers) :]
         print(f"batch size {batch_size}: " + ", ".join(f"{row['model']} {row['us_per_jet']:.1f} us/jet" for row in latest), flush=True)
 
@@ -234,11 +276,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"the faster of matmul and convolution {fastest / 1e9:.1f} GFLOP/s)"
         ),
     )
+    if linear_runs["onednn"]:
+        print(
+            f"Linear({LINEAR_SHAPE['in_features']}, {LINEAR_SHAPE['out_features']}) at a batch of "
+            f"{LINEAR_SHAPE['batch']}: {median(linear_runs['torch']) / 1e9:.1f} GFLOP/s as nn.Linear, "
+            f"{median(linear_runs['onednn']) / 1e9:.1f} GFLOP/s through oneDNN (median of each round)"
+        )
     payload = {
         "settings": vars(args),
         "device": str(device),
         "matmul_gflop_per_s_runs": [value / 1e9 for value in matmul_runs],
         "convolution_gflop_per_s_runs": [value / 1e9 for value in convolution_runs],
+        "linear_gflop_per_s_runs": [value / 1e9 for value in linear_runs["torch"]],
+        "onednn_linear_gflop_per_s_runs": [value / 1e9 for value in linear_runs["onednn"]],
         "published_us_per_jet": PUBLISHED_US_PER_JET,
         "rows": rows,
         "summary": summary,

@@ -91,3 +91,18 @@ def test_interrupted_benchmark_exits_130(capsys):
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "Interrupted before the result file was written.\n"
 
+
+
+def test_linear_rates_on_cpu():
+    import torch
+
+    from bench.generation import linear_flops_per_s
+
+    plain = linear_flops_per_s(torch.device("cpu"), onednn=False, min_seconds=0.05)
+    onednn = linear_flops_per_s(torch.device("cpu"), onednn=True, min_seconds=0.05)
+
+    assert plain is not None and plain > 0
+    if torch.backends.mkldnn.is_available():
+        assert onednn is not None and onednn > 0
+    else:
+        assert onednn is None
