@@ -153,9 +153,15 @@ def linear_flops_per_s(device: torch.device, onednn: bool, min_seconds: float = 
     layer = torch.nn.Linear(shape["in_features"], shape["out_features"]).to(device).eval()
     x = torch.rand(shape["batch"], shape["in_features"], generator=generator).to(device)
     if onednn:
-        from torch.utils import mkldnn
+        import warnings
 
-        layer = mkldnn.to_mkldnn(torch.nn.Sequential(layer))
+        # NOTE: torch.utils.mkldnn defines its modules with torch.jit.script_method, which
+        # torch 2.13 marks deprecated, so this route may go away with TorchScript
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torch.utils import mkldnn
+
+            layer = mkldnn.to_mkldnn(torch.nn.Sequential(layer))
     flops = 2 * shape["batch"] * shape["in_features"] * shape["out_features"]
     with torch.no_grad():
         layer(x)
