@@ -134,7 +134,7 @@ def count_generation_flops(sampler, batch: int = 100) -> float:
 
 
 #: A hidden layer of the ConVAE+NF flow (400 to 350 nodes) at a batch of 1,000 jets, the best
-#: batch size on every machine so far.
+#: batch size on machines A, E and F (bench/BENCHMARKS.md, section 4).
 LINEAR_SHAPE = {"batch": 1000, "in_features": 400, "out_features": 350}
 
 

@@ -680,7 +680,7 @@ def _interrupts_ignored(local: bool) -> Iterator[None]:
 
     ``ray.shutdown`` of a local instance takes a few seconds, because its processes block
     SIGTERM (:func:`_sigterm_blocked`) and Ray waits a second for each before SIGKILL. A
-    second Ctrl-C in that time used to cut the shutdown short and leave Ray processes that
+    second Ctrl-C in that time would cut the shutdown short and leave Ray processes that
     ignore SIGTERM. Leaving a joined cluster only disconnects, so there the signals stay.
     """
     if not local or threading.current_thread() is not threading.main_thread():
