@@ -740,6 +740,15 @@ def test_yaml_syntax_error_line_column():
     assert info.value.line is not None
 
 
+def test_undefined_alias_named():
+    text = "name: tiny\nmodel: &kind convae\nstages: *stagez\n"
+
+    with pytest.raises(SpaceError) as info:
+        parse_space(text, SOURCE)
+
+    assert f"{SOURCE}, line 3, column 9: YAML syntax error: found undefined alias 'stagez'" in str(info.value)
+
+
 @pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n"])
 def test_empty_file_rejected(text):
     with pytest.raises(SpaceError, match=f"^{SOURCE}: the search space is empty"):
