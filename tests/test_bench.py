@@ -106,3 +106,12 @@ def test_linear_rates_on_cpu():
         assert onednn is not None and onednn > 0
     else:
         assert onednn is None
+
+
+def test_gpu_script_needs_jets_file(tmp_path):
+    missing = tmp_path / "jets.hdf5"
+
+    result = subprocess.run(["bash", "bench/gpu.sh", str(missing)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2
+    assert f"JETS must be an existing jets file of at least 10,000 jets; got '{missing}'" in result.stderr
