@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -624,13 +625,17 @@ def connect_ray(address: str | None, *, log_to_driver: bool = False) -> bool:
         RunError: The cluster cannot be reached.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not address:
-        # Ray 2.60 turns token authentication on for a new local instance anyway and warns
-        # unless the mode is set. Ray reads the mode when it is imported.
+    # Ray 2.60 turns token authentication on for a new local instance unless the mode is set,
+    # and `ray start` turns it on where it finds a token. A driver sends its token only in
+    # token mode, and aborts in token mode without one. A driver in token mode also joins a
+    # cluster without authentication. Ray reads the mode when it is imported.
+    if not address or _ray_token_found():
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     common = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, **common)
@@ -640,10 +645,51 @@ def connect_ray(address: str | None, *, log_to_driver: bool = False) -> bool:
         with _sigterm_blocked():
             ray.init(address="local", include_dashboard=False, **common)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise RunError(f"Failed to start or join {where}: {error}. Check the address and that the cluster is running.") from None
+        if not address:
+            raise RunError(
+                f"Failed to start a local Ray instance: {error}. Its logs are under /tmp/ray/session_latest/logs."
+            ) from None
+        raise RunError(
+            f"Failed to join the Ray cluster at {address}: {error}. Check the address and that the cluster is "
+            f"running. A cluster with token authentication, which 'ray start' of Ray 2.60 turns on where it finds a "
+            f"token, also needs that token on this machine, in ~/.ray/auth_token or RAY_AUTH_TOKEN."
+        ) from None
     logger.info("Started a local Ray instance: %s", _describe_resources(ray.cluster_resources()))
     return True
+
+
+def _ray_token_found() -> bool:
+    """Return whether Ray would find an authentication token: its variables or ``~/.ray/auth_token``."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return Path(path).expanduser().is_file()
+
+
+RAY_CONNECT_TIMEOUT_S = 10.0
+"""Seconds :func:`connect_ray` waits for a TCP connection to a cluster's address."""
+
+
+def _check_reachable(address: str) -> None:
+    """Raise RunError unless ``address`` of the form HOST:PORT or ray://HOST:PORT accepts a TCP connection.
+
+    Ray 2.60 tries a GCS address that accepts no connection 20 times, and one try took
+    about 35 s on a development machine, so ``ray.init`` would give up only after minutes.
+    Other forms, such as ``auto``, are left to Ray.
+    """
+    match = re.fullmatch(r"(?:ray://)?(\[[0-9a-fA-F:.]+\]|[^:/\[\]]+):(\d+)", address.strip())
+    if match is None:
+        return
+    host, port = match.group(1).strip("[]"), int(match.group(2))
+    try:
+        with socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise RunError(
+            f"Failed to join the Ray cluster at {address}: no connection to {host}:{port} ({reason}). "
+            f"Check the address and that the cluster is running."
+        ) from None
 
 
 @contextmanager

@@ -16,6 +16,7 @@ import getpass
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -42,7 +43,7 @@ from hpo.spaces import Resources, load_profile, parse_profile
 from hpo.studies import add_space
 from hpo.cli import app
 from hpo.host_memory import worker_env_vars
-from hpo.workers import Worker, WorkerSettings, default_worker_count, start_workers
+from hpo.workers import RunError, Worker, WorkerSettings, connect_ray, default_worker_count, start_workers
 from storage import StageState, get_stages, open_storage
 
 pytestmark = [
@@ -1329,3 +1330,49 @@ def test_worker_command_joins_registered_pipeline(ray_cluster, ray_env, fresh_po
     trials = assert_budgets_used_exactly(fresh_postgres_url, {"tiny-nf.first": 3, "tiny-nf.second": 3})
     pids = {trial.user_attrs["pid"] for study in trials.values() for trial in study}
     assert len(pids) == 2
+
+
+def test_join_token_cluster(tmp_path_factory):
+    """``ray start`` turns token authentication on where it finds a token, and jethpo joins with no RAY_AUTH_MODE set."""
+    # a short folder, because Ray's socket paths under it must stay under 108 bytes
+    folder = tmp_path_factory.mktemp("tok")
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # the cluster's token, which `ray start` finds and the driver has to send
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    head = start_node(
+        ["--head", "--port", str(port), "--include-dashboard=false", "--ray-client-server-port", str(free_port())],
+        folder / "ray",
+        folder / "head.log",
+        env,
+    )
+    # Ray reads RAY_AUTH_MODE when it is imported, as in the jethpo commands, which import it in connect_ray
+    script = (
+        "import sys\nfrom hpo.workers import connect_ray\n"
+        "connect_ray(sys.argv[1])\nimport ray\nprint(int(ray.cluster_resources()['CPU']))\n"
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", script, address],
+            env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        stop_process_group(head)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "2"
+
+
+def test_join_refused_address_fails_fast():
+    address = f"127.0.0.1:{free_port()}"
+
+    # Ray itself would retry such an address for minutes before it gives up
+    with pytest.raises(RunError) as info:
+        connect_ray(address)
+
+    assert f"Failed to join the Ray cluster at {address}: no connection to {address} (Connection refused)" in str(info.value)
