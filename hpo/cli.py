@@ -852,7 +852,6 @@ def run_command(
 
     from hpo.spaces import load_profile
     from hpo.workers import existing_data_path, run_pipeline
-    from storage.artifacts import resolve_artifact_dir
 
     # checked before the storage is opened, which creates its tables
     with _exit_on_run_errors(storage):
@@ -870,7 +869,8 @@ def run_command(
             loaded_profile,
             data=data,
             data_dir=data_dir,
-            artifact_dir=resolve_artifact_dir(artifacts, data_dir),
+            # None lets a resumed pipeline keep its registered directory
+            artifact_dir=Path(artifacts).expanduser().resolve() if artifacts else None,
             address=address,
             workers=workers,
             families=family or None,

@@ -1485,7 +1485,8 @@ def run_pipeline(
         data: Jets file, or None to generate Pythia jets (see :func:`prepare_jets`).
         data_dir: Data directory for generated jets.
         artifact_dir: Artifact directory for checkpoints, plots and tables that every node
-            reads, by default ``<data_dir>/artifacts``.
+            reads. None keeps the directory of a resumed pipeline, and otherwise means
+            ``$JETHPO_ARTIFACTS`` or ``<data_dir>/artifacts``.
         address: Ray cluster to join, or None to start a local Ray instance.
         workers: Number of workers, or None for :func:`default_worker_count`.
         families: Search spaces to run, or None for all.
@@ -1534,10 +1535,7 @@ def run_pipeline(
         # a resumed pipeline keeps its jets, even when the data directory now has other generated jets
         data = registered["data_path"]
     path = prepare_jets(data, data_dir, profile.n_jets, profile.name)
-    if artifact_dir is None:
-        from storage.artifacts import resolve_artifact_dir
-
-        artifact_dir = resolve_artifact_dir(None, data_dir)
+    artifact_dir = _resumed_artifact_dir(artifact_dir, registered, data_dir, plan.name)
     try:
         run_info = _run_info(path, profile, artifact_dir)
     except TooFewJetsError as error:
@@ -1572,6 +1570,48 @@ def run_pipeline(
         monitor=PipelineMonitor(log_trials=not live),
         log_to_driver=log_to_driver,
     )
+
+
+def _resumed_artifact_dir(
+    chosen: Path | None, registered: Mapping[str, Any] | None, data_dir: Path, pipeline: str
+) -> Path:
+    """Return the artifact directory of a run: a resumed pipeline keeps the one it was registered with.
+
+    Args:
+        chosen: ``--artifacts`` or ``JETHPO_ARTIFACTS``, or None when neither is set.
+        registered: What the pipeline was registered with, or None for a new pipeline.
+        data_dir: Data directory, whose ``artifacts`` folder is the default.
+        pipeline: Name of the pipeline, for messages.
+
+    Raises:
+        RunError: ``chosen`` differs from the registered directory, which still exists. The
+            checkpoints of the finished steps are there, so the next steps would not find them.
+    """
+    from storage.artifacts import resolve_artifact_dir
+
+    before = registered.get("artifact_dir") if registered is not None else None
+    before = Path(before) if before else None
+    if chosen is None:
+        if before is not None and before.is_dir():
+            return before
+        chosen = resolve_artifact_dir(None, data_dir)
+    chosen = Path(chosen).expanduser().resolve()
+    if before is None or chosen == before:
+        return chosen
+    if before.is_dir():
+        raise RunError(
+            f"Pipeline {pipeline} keeps its checkpoints, plots and tables in the artifact directory {before}, "
+            f"not {chosen}. Resume with --artifacts {before}, or leave --artifacts and JETHPO_ARTIFACTS unset. "
+            f"To move the artifacts, move that folder first and pass its new path."
+        )
+    logger.warning(
+        "Pipeline %s was registered with the artifact directory %s, which does not exist here, and now uses %s. "
+        "Its next steps read the artifacts stored so far from there, so copy them there if they are elsewhere",
+        pipeline,
+        before,
+        chosen,
+    )
+    return chosen
 
 
 def _check_registered_jets(

@@ -441,7 +441,7 @@ def test_run_rejects_invalid_input(tmp_path, arguments, message):
     assert "Traceback" not in result.stderr
 
 
-def register_on_sqlite(tmp_path, profile: str, families=None, data_path=None, profile_file=None) -> str:
+def register_on_sqlite(tmp_path, profile: str, families=None, data_path=None, profile_file=None, artifact_dir=None) -> str:
     """Register a profile's pipeline in the SQLite storage of ``tmp_path`` under a fake data fingerprint, and return the URL."""
     from hpo.studies import load_spaces
 
@@ -455,6 +455,8 @@ def register_on_sqlite(tmp_path, profile: str, families=None, data_path=None, pr
     }
     if profile_file is not None:
         run_info["profile_file"] = profile_file
+    if artifact_dir is not None:
+        run_info["artifact_dir"] = artifact_dir
     register_pipeline(storage, plan_pipeline(load_spaces(storage), load_profile(profile), families), run_info)
     storage.engine.dispose()
     return url
@@ -553,6 +555,47 @@ def test_run_rejects_other_jets(tmp_path, jets_path):
     assert f"but this run would use {jets_path}" in result.stderr
     assert f"Resume with --data {tmp_path / 'moved.hdf5'}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_resume_keeps_registered_artifacts(tmp_path, jets_path):
+    registered = tmp_path / "shared-artifacts"
+    registered.mkdir()
+    url = register_on_sqlite(tmp_path, "smoke", data_path=jets_path, artifact_dir=str(registered))
+
+    result = CliRunner().invoke(app, ["run", "--storage", url, "--data-dir", str(tmp_path)], env={"JETHPO_ARTIFACTS": ""})
+
+    # it stops at the fake fingerprint before Ray starts, without opening the default directory
+    assert result.exit_code == 1, result.output
+    assert "when their data fingerprint was ffffffffffff" in result.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_resume_rejects_other_artifacts(tmp_path, jets_path):
+    registered = tmp_path / "shared-artifacts"
+    registered.mkdir()
+    other = tmp_path / "other-artifacts"
+    url = register_on_sqlite(tmp_path, "smoke", data_path=jets_path, artifact_dir=str(registered))
+
+    result = CliRunner().invoke(app, ["run", "--storage", url, "--data-dir", str(tmp_path), "--artifacts", str(other)])
+
+    assert result.exit_code == 1, result.output
+    assert f"keeps its checkpoints, plots and tables in the artifact directory {registered}, not {other}" in result.stderr
+    assert f"Resume with --artifacts {registered}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not other.exists()
+
+
+def test_resume_moves_missing_artifacts(tmp_path, caplog):
+    from hpo.workers import _resumed_artifact_dir
+
+    moved = tmp_path / "moved"
+    registered = {"artifact_dir": str(tmp_path / "gone")}
+
+    with caplog.at_level("WARNING", logger="hpo.workers"):
+        chosen = _resumed_artifact_dir(moved, registered, tmp_path, "smoke")
+
+    assert chosen == moved.resolve()
+    assert f"registered with the artifact directory {tmp_path / 'gone'}, which does not exist here" in caplog.text
 
 
 def finish_on_sqlite(url: str, pipeline: str) -> None:
