@@ -65,6 +65,7 @@ class StageProgress:
         epochs: Epochs of that retraining, or None.
         resumed_after: Epoch after which that retraining resumed from a saved state, or
             None when it started from scratch.
+        error: Why a failed step failed, from its stored output, or None.
     """
 
     name: str
@@ -83,6 +84,7 @@ class StageProgress:
     epoch: int | None = None
     epochs: int | None = None
     resumed_after: int | None = None
+    error: str | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -401,9 +403,10 @@ def read_progress(
         workers: Number of workers.
         now: Time of the reading (timezone-aware), by default the current time. A running
             step's run time is measured up to it.
-        step_outputs: Outputs of running steps by ``(pipeline, step)``, as
-            ``storage.pipeline.get_outputs`` returns them. A retraining's ``progress`` entry
-            (``epoch``, ``epochs``, ``resumed_after``) is read from them.
+        step_outputs: Outputs of steps by ``(pipeline, step)``, as
+            ``storage.pipeline.get_outputs`` returns them. A running retraining's ``progress``
+            entry (``epoch``, ``epochs``, ``resumed_after``) and a failed step's ``error``
+            are read from them.
     """
     now = now or datetime.datetime.now(datetime.timezone.utc)
     searches: dict[str, list[StageRecord]] = {}
@@ -417,9 +420,12 @@ def read_progress(
         if record.is_step:
             estimate = _step_estimate_s(record, searches.get(record.pipeline, []), trials)
             stage = replace(stage, estimate_s=estimate)
-            reported = ((step_outputs or {}).get((record.pipeline, record.name)) or {}).get("progress")
+            output = (step_outputs or {}).get((record.pipeline, record.name)) or {}
+            reported = output.get("progress")
             if record.state == StageState.RUNNING and isinstance(reported, Mapping):
                 stage = _with_reported_epochs(stage, reported)
+            if record.state == StageState.FAILED and output.get("error"):
+                stage = replace(stage, error=str(output["error"]))
         stages.append(stage)
     return PipelineProgress(stages=tuple(stages), workers=workers)
 
@@ -640,6 +646,8 @@ class PipelineMonitor:
                 detail = f"{claimer}, estimated run time {estimate}"
             elif stage.state == StageState.DONE:
                 detail = f". Pipeline ETA {_format_eta(progress)}"
+            if not reason and stage.state == StageState.FAILED:
+                reason = stage.error or ""
             log(
                 "Step %s of pipeline %s %s%s%s",
                 stage.name,

@@ -1012,11 +1012,15 @@ def _read_trials(
     return trials
 
 
-def _running_step_outputs(storage: optuna.storages.RDBStorage, records: Sequence[StageRecord]) -> dict[tuple[str, str], dict]:
-    """Read the outputs of the running steps, where a retraining reports its epoch, by ``(pipeline, step)``."""
-    running = {record.pipeline for record in records if record.is_step and record.state == stages.StageState.RUNNING}
+def _step_outputs(storage: optuna.storages.RDBStorage, records: Sequence[StageRecord]) -> dict[tuple[str, str], dict]:
+    """Read the step outputs of the pipelines with a running or failed step, by ``(pipeline, step)``.
+
+    A running retraining reports its epoch there, and a failed step its error.
+    """
+    watched = (stages.StageState.RUNNING, stages.StageState.FAILED)
+    pipelines = {record.pipeline for record in records if record.is_step and record.state in watched}
     found = {}
-    for pipeline in sorted(running):
+    for pipeline in sorted(pipelines):
         for name, payload in stage_table.get_outputs(storage.engine, pipeline).items():
             found[(pipeline, name)] = payload
     return found
@@ -1082,7 +1086,7 @@ def supervise(
             if events:
                 records = [record for name in pipelines for record in stages.load_stage_records(storage, name)]
                 trials = _read_trials(storage, [record for record in records if record.problem is None], cache)
-            progress = read_progress(records, trials, workers=len(workers), step_outputs=_running_step_outputs(storage, records))
+            progress = read_progress(records, trials, workers=len(workers), step_outputs=_step_outputs(storage, records))
             monitor.update(progress, trials, events)
             if first:
                 monitor.summarize(progress)

@@ -689,3 +689,19 @@ def test_registered_retraining_estimated(storage):
     estimate = progress.eta_estimate()
     assert estimate.seconds == pytest.approx(30 * 30.0)
     assert estimate.not_estimated == ("evaluate:toy-nf", "results:toy")
+
+
+def test_failed_step_logged_with_error(caplog):
+    search = search_record("toy-nf.only", "toy-nf", StageState.DONE)
+    running = step_record(RETRAIN, "toy-nf", StageState.RUNNING, ("toy-nf.only",))
+    failed = dataclasses.replace(running, state=StageState.FAILED)
+    error = "ArtifactError: Artifact 7abaa828 is not in the artifact directory '/data/artifacts'"
+    outputs = {("toy", "retrain:toy-nf"): {"error": error}}
+    monitor = PipelineMonitor(log_trials=False)
+
+    with caplog.at_level(logging.WARNING, logger="hpo.progress"):
+        monitor.update(read_progress([search, running], {}, workers=1, now=NOW), {})
+        monitor.update(read_progress([search, failed], {}, workers=1, now=NOW, step_outputs=outputs), {})
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [f"Step retrain:toy-nf of pipeline toy failed: {error}"]
