@@ -358,6 +358,20 @@ def best_command(
             typer.echo(f"  {name}: {value}")
 
 
+class _DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys without a word, which would drop a value
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise _DuplicateKeyError(f"the key {key!r} appears twice")
+        values[key] = value
+    return values
+
+
 @app.command("enqueue", short_help="Add a WAITING trial with given parameters to a study.")
 def enqueue_command(
     study: Annotated[str, typer.Argument(help="Study name, such as convae-gen.loss.")],
@@ -378,13 +392,16 @@ def enqueue_command(
     from hpo.studies import enqueue
 
     try:
-        values = json.loads(params)
+        values = json.loads(params, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as error:
         typer.echo(
             f"Error: invalid --params {params!r}: not valid JSON ({error}). "
             f'Pass a JSON object such as \'{{"lr": 0.001}}\'.',
             err=True,
         )
+        raise typer.Exit(1) from None
+    except _DuplicateKeyError as error:
+        typer.echo(f"Error: invalid --params {params!r}: {error}. Give each parameter once.", err=True)
         raise typer.Exit(1) from None
     if not isinstance(values, dict):
         typer.echo(

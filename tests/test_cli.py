@@ -650,6 +650,7 @@ def test_enqueue_wrong_choice_rejected(sqlite_url):
         ('{"lr": 0.001', "not valid JSON"),
         ("lr=0.001", "not valid JSON"),
         ('[0.001, 20]', "expected a JSON object"),
+        ('{"latent_dim": 40, "latent_dim": 50}', "the key 'latent_dim' appears twice"),
     ],
 )
 def test_enqueue_malformed_params(sqlite_url, params, expected):
