@@ -1616,7 +1616,6 @@ def _check_model_parameters(checker: _Checker, model: str, stage: Stage, index: 
             checker.fail(
                 path + ("params", name),
                 f"unknown parameter for model {model}",
-                value=name,
                 fix=f"Known names: {_known_names(model)}.",
             )
         _check_rule_for_spec(checker, rule, spec, path + ("params", name))

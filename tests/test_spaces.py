@@ -524,7 +524,7 @@ BAD_SPACES = [
         "unknown model parameter",
         set_key("stages", 0, "params", "dropout", {"type": "float", "low": 0.0, "high": 0.5}),
         "stages[0].params.dropout",
-        "'dropout'",
+        "stages[0].params.dropout: unknown parameter for model convae",
     ),
     ("missing model parameter", delete_key("stages", 0, "fixed", "latent_dim"), "stages[0]", "'loss'"),
     ("beta above one", set_key("stages", 0, "params", "beta", "high", 1.5), "stages[0].params.beta.high", "1.5"),
