@@ -468,6 +468,36 @@ def register_pipeline(
         else:
             logger.info("Steps %s will run again, because stages they depend on are not done", ", ".join(stale))
 
+    retry = retryable_steps({name: (states[name], row.depends_on) for name, row in rows.items()})
+    if retry:
+        stage_table.reset_stages(storage.engine, plan.name, retry)
+        logger.info("Failed steps %s of pipeline %s will run again", ", ".join(retry), plan.name)
+
+
+def retryable_steps(stages: Mapping[str, tuple[StageState, Sequence[str]]]) -> list[str]:
+    """Return the failed steps that a new run can retry, in the order of ``stages``.
+
+    A failed step is retried when every stage it depends on is done, pending, running or a
+    retried step itself. A step below a failed search stage would fail again at once, so it
+    stays failed, and so does the search stage, whose budget is used up.
+
+    Args:
+        stages: State and ``depends_on`` of each stage of a pipeline, by stage name.
+    """
+    retry: list[str] = []
+    changed = True
+    while changed:
+        changed = False
+        for name, (state, depends_on) in stages.items():
+            if ":" not in name or state != StageState.FAILED or name in retry:
+                continue
+            parents = [parent for parent in depends_on if parent in stages]
+            if all(stages[parent][0] != StageState.FAILED or parent in retry for parent in parents):
+                retry.append(name)
+                changed = True
+    order = list(stages)
+    return sorted(retry, key=order.index)
+
 
 def changed_budgets(storage: optuna.storages.RDBStorage, plan: PipelinePlan) -> list[str]:
     """Describe where a profile's budgets differ from those stored with a pipeline's studies.

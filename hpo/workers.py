@@ -1518,10 +1518,14 @@ def run_pipeline(
 
     # pipeline registration, which keeps the state of stages stored before
     _check_one_pipeline(storage, plan, settings.storage_url)
-    existing = {record.name: record.state for record in stages.load_stage_records(storage, plan.name)}
+    stored = stages.load_stage_records(storage, plan.name)
+    existing = {record.name: record.state for record in stored}
     registered = stages.registered_run(storage, plan.name) if existing else None
     changes = stages.changed_budgets(storage, plan) if existing else []
-    if existing and all(existing.get(stage.name) in (stages.StageState.DONE, stages.StageState.FAILED) for stage in plan.runnable):
+    # failed steps that can run again keep the pipeline open (register_pipeline resets them)
+    retry = stages.retryable_steps({record.name: (record.state, record.depends_on) for record in stored})
+    terminal = (stages.StageState.DONE, stages.StageState.FAILED)
+    if existing and not retry and all(existing.get(stage.name) in terminal for stage in plan.runnable):
         if data is not None and registered is not None:
             # other jets are rejected as for a pipeline that is not finished, rather than ignored
             _check_registered_jets(existing_data_path(data), profile, plan.name, settings.storage_url, registered)

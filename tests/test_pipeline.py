@@ -708,3 +708,34 @@ def test_results_step_keeps_evaluations_of_earlier_runs(storage, tiny_space, tin
 
     results = next(stage for stage in get_stages(storage.engine, "tiny") if stage.stage == "results:tiny")
     assert results.depends_on == ("evaluate:tiny-nf", "evaluate:other-nf")
+
+
+def test_register_retries_failed_steps(storage, tiny_space, tiny_profile):
+    from storage.pipeline import finish_stage
+
+    registered(storage, tiny_space, tiny_profile)
+    # as after a run whose evaluation failed, which failed the results step too
+    for name in ("tiny-nf.first", "tiny-nf.second", "retrain:tiny-nf"):
+        finish_stage(storage.engine, "tiny", name, StageState.DONE)
+    for name in ("evaluate:tiny-nf", "results:tiny"):
+        finish_stage(storage.engine, "tiny", name, StageState.FAILED)
+
+    registered(storage, tiny_space, tiny_profile)
+
+    states = {stage.stage: stage.state for stage in get_stages(storage.engine, "tiny")}
+    assert states["retrain:tiny-nf"] == StageState.DONE
+    assert states["evaluate:tiny-nf"] == StageState.PENDING
+    assert states["results:tiny"] == StageState.PENDING
+
+
+def test_failed_search_keeps_steps_failed(storage, tiny_space, tiny_profile):
+    registered(storage, tiny_space, tiny_profile)
+    advance_pipeline(storage, list(records_of(storage).values()), "controller-a")
+    add_trial(storage, "tiny-nf.first", TrialState.FAIL, user_attrs={"fail_reason": "nan_loss"})
+    add_trial(storage, "tiny-nf.first", TrialState.FAIL, user_attrs={"fail_reason": "nan_loss"})
+    advance_pipeline(storage, list(records_of(storage).values()), "controller-a")
+
+    registered(storage, tiny_space, tiny_profile)
+
+    states = {stage.stage: stage.state for stage in get_stages(storage.engine, "tiny")}
+    assert set(states.values()) == {StageState.FAILED}
