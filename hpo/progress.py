@@ -549,12 +549,19 @@ class PipelineMonitor:
     times over its epochs, for logs that have no live view. The first reading only records
     the state, so a resumed pipeline does not log its history again.
 
+    A running step whose claim passes from one process to another is logged too, because
+    its state does not change.
+
     Args:
         log_trials: Whether to log each finished trial.
+        grace_period_s: Seconds after a claimer's last sign of life at which a worker takes
+            its step over, for the summary of a resumed pipeline, or None to leave it out.
     """
 
-    def __init__(self, log_trials: bool) -> None:
+    def __init__(self, log_trials: bool, grace_period_s: float | None = None) -> None:
         self.log_trials = log_trials
+        self.grace_period_s = grace_period_s
+        self._claimers: dict[tuple[str, str], str | None] = {}
         self._stage_states: dict[tuple[str, str], StageState] = {}
         self._trial_states: dict[str, dict[int, TrialState]] = {}
         self._baseline_done = False
@@ -591,6 +598,17 @@ class PipelineMonitor:
                 # a step that ran from one reading to the next gets one line for both
                 unseen_start = previous == StageState.PENDING
                 self._log_stage(stage, reasons.get(stage.name, ""), progress, unseen_start)
+            claimer = stage.claimed_by if stage.is_step and stage.state == StageState.RUNNING else None
+            earlier = self._claimers.get(key)
+            self._claimers[key] = claimer
+            if previous == StageState.RUNNING and earlier and claimer and claimer != earlier:
+                logger.info(
+                    "Step %s of pipeline %s was taken over by %s from %s, which had stopped renewing its claim",
+                    stage.name,
+                    stage.pipeline,
+                    claimer,
+                    earlier,
+                )
             # a retraining reports its resume shortly after its claim, so after the start line
             if stage.resumed_after is not None and (key + (stage.resumed_after,)) not in self._resumes_logged:
                 self._resumes_logged.add(key + (stage.resumed_after,))
@@ -619,7 +637,13 @@ class PipelineMonitor:
             return
         for stage in progress.stages:
             if stage.is_step:
-                logger.info("Step %s of pipeline %s is %s", stage.name, stage.pipeline, _describe_step(stage, progress))
+                text = _describe_step(stage, progress)
+                if stage.state == StageState.RUNNING and stage.claimed_by and self.grace_period_s is not None:
+                    text += (
+                        f". If {stage.claimed_by} has stopped, a worker takes the step over "
+                        f"{format_duration(self.grace_period_s)} after its last sign of life"
+                    )
+                logger.info("Step %s of pipeline %s is %s", stage.name, stage.pipeline, text)
                 continue
             logger.info(
                 "Stage %s of pipeline %s is %s: %d of %d trials finished, %d RUNNING, %d WAITING, best EMD_sum %s",

@@ -1575,7 +1575,7 @@ def run_pipeline(
         address=address,
         workers=workers,
         view=LiveView() if live else None,
-        monitor=PipelineMonitor(log_trials=not live),
+        monitor=PipelineMonitor(log_trials=not live, grace_period_s=settings.grace_period),
         log_to_driver=log_to_driver,
     )
 
@@ -1745,7 +1745,7 @@ def run_workers(
         address=address,
         workers=workers,
         view=None,
-        monitor=PipelineMonitor(log_trials=True),
+        monitor=PipelineMonitor(log_trials=True, grace_period_s=settings.grace_period),
         log_to_driver=log_to_driver,
     )
 

@@ -705,3 +705,39 @@ def test_failed_step_logged_with_error(caplog):
 
     messages = [record.getMessage() for record in caplog.records]
     assert messages == [f"Step retrain:toy-nf of pipeline toy failed: {error}"]
+
+
+def test_summary_names_takeover_time(caplog):
+    progress = PipelineProgress(
+        stages=(
+            StageProgress("toy-nf.only", "toy", StageState.DONE, 2, StageCounts(complete=2), 1.0, 0, 40.0),
+            step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=600.0, running_s=24.0),
+        ),
+        workers=1,
+    )
+
+    with caplog.at_level(logging.INFO, logger="hpo.progress"):
+        PipelineMonitor(log_trials=False, grace_period_s=120).summarize(progress)
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert (
+        "Step retrain:toy-nf of pipeline toy is running on node-b:4242 for 24s, 9m 36s left (estimate). "
+        "If node-b:4242 has stopped, a worker takes the step over 2m 00s after its last sign of life"
+    ) in messages
+
+
+def test_step_takeover_logged(caplog):
+    running = step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=600.0, running_s=3.0)
+    taken = dataclasses.replace(running, claimed_by="node-c:777")
+    monitor = PipelineMonitor(log_trials=False)
+
+    with caplog.at_level(logging.INFO, logger="hpo.progress"):
+        monitor.update(PipelineProgress(stages=(running,), workers=1), {})
+        monitor.update(PipelineProgress(stages=(running,), workers=1), {})
+        monitor.update(PipelineProgress(stages=(taken,), workers=1), {})
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "Step retrain:toy-nf of pipeline toy was taken over by node-c:777 from node-b:4242, "
+        "which had stopped renewing its claim"
+    ]
