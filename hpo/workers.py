@@ -675,20 +675,25 @@ def _check_reachable(address: str) -> None:
 
     Ray 2.60 tries a GCS address that accepts no connection 20 times, and one try took
     about 35 s on a development machine, so ``ray.init`` would give up only after minutes.
-    Other forms, such as ``auto``, are left to Ray.
+    For a loopback host, Ray connects to this machine's node address instead, so that
+    address is tried. Other forms, such as ``auto``, are left to Ray.
     """
-    match = re.fullmatch(r"(?:ray://)?(\[[0-9a-fA-F:.]+\]|[^:/\[\]]+):(\d+)", address.strip())
+    match = re.fullmatch(r"(ray://)?(\[[0-9a-fA-F:.]+\]|[^:/\[\]]+):(\d+)", address.strip())
     if match is None:
         return
-    host, port = match.group(1).strip("[]"), int(match.group(2))
+    client, host, port = match.group(1), match.group(2).strip("[]"), int(match.group(3))
+    if not client and (host == "localhost" or host == "::1" or host.startswith("127.")):
+        from ray.util import get_node_ip_address
+
+        host = get_node_ip_address()
     try:
         with socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S):
             pass
     except OSError as error:
         reason = error.strerror or str(error) or type(error).__name__
         raise RunError(
-            f"Failed to join the Ray cluster at {address}: no connection to {host}:{port} ({reason}). "
-            f"Check the address and that the cluster is running."
+            f"Failed to join the Ray cluster at {address}: no connection to {host}:{port}, where Ray looks for "
+            f"it ({reason}). Check the address and that the cluster is running."
         ) from None
 
 

@@ -1418,4 +1418,6 @@ def test_join_refused_address_fails_fast():
     with pytest.raises(RunError) as info:
         connect_ray(address)
 
-    assert f"Failed to join the Ray cluster at {address}: no connection to {address} (Connection refused)" in str(info.value)
+    message = str(info.value)
+    assert f"Failed to join the Ray cluster at {address}: no connection to " in message
+    assert f":{address.split(':')[1]}, where Ray looks for it (Connection refused)" in message
