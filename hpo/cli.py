@@ -359,11 +359,11 @@ def best_command(
 
 
 class _DuplicateKeyError(ValueError):
-    """A JSON object names the same key twice."""
+    """Error for a JSON object that contains the same key twice."""
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads keeps the last of two equal keys without a word, which would drop a value
+    # json.loads silently keeps the last of two equal keys, which would drop a value
     values: dict[str, Any] = {}
     for key, value in pairs:
         if key in values:

@@ -315,8 +315,8 @@ class _Checker:
         try:
             document = self._load(text, _FAST_LOADER)
         except yaml.YAMLError:
-            # parse again for the message: the pure-Python loader's messages say more, such
-            # as which alias is undefined
+            # parse again for the message, because the pure-Python loader's messages are more
+            # specific, for example in naming an undefined alias
             self.lines.clear()
             try:
                 document = self._load(text, yaml.SafeLoader)
