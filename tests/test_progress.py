@@ -728,13 +728,13 @@ def test_summary_names_takeover_time(caplog):
 
 def test_step_takeover_logged(caplog):
     running = step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=600.0, running_s=3.0)
-    taken = dataclasses.replace(running, claimed_by="node-c:777")
+    taken_over = dataclasses.replace(running, claimed_by="node-c:777")
     monitor = PipelineMonitor(log_trials=False)
 
     with caplog.at_level(logging.INFO, logger="hpo.progress"):
         monitor.update(PipelineProgress(stages=(running,), workers=1), {})
         monitor.update(PipelineProgress(stages=(running,), workers=1), {})
-        monitor.update(PipelineProgress(stages=(taken,), workers=1), {})
+        monitor.update(PipelineProgress(stages=(taken_over,), workers=1), {})
 
     messages = [record.getMessage() for record in caplog.records]
     assert messages == [
