@@ -163,8 +163,8 @@ _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _PARAM_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _NODES_PATTERN = re.compile(r"^nodes_([1-9][0-9]*)$")
 _SEED_LIMIT = 2**32
-# libyaml's loader reads the shipped search spaces in a third of the pure-Python loader's
-# time, which every command and every worker's first step pay
+# libyaml's loader reads YAML faster than the pure-Python one, and every command and every
+# worker's first step read the shipped search spaces
 _FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
