@@ -627,15 +627,16 @@ def connect_ray(address: str | None, *, log_to_driver: bool = False) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray 2.60 turns token authentication on for a new local instance unless the mode is set,
     # and `ray start` turns it on where it finds a token. A driver sends its token only in
-    # token mode, and aborts in token mode without one. A driver in token mode also joins a
-    # cluster without authentication. Ray reads the mode when it is imported.
+    # token mode, and aborts in token mode without one. Ray reads the mode when it is imported.
+    global _token_mode_from_found_token
+    if address and "RAY_AUTH_MODE" not in os.environ and _ray_token_found():
+        _token_mode_from_found_token = True
     if not address or _ray_token_found():
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     common = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
-    if address:
-        _check_reachable(address)
+    probed = _check_reachable(address) if address else False
     try:
         if address:
             ray.init(address=address, **common)
@@ -649,13 +650,18 @@ def connect_ray(address: str | None, *, log_to_driver: bool = False) -> bool:
             raise RunError(
                 f"Failed to start a local Ray instance: {error}. Its logs are under /tmp/ray/session_latest/logs."
             ) from None
+        cause = "Its address answers, so check the token" if probed else "Check the address and the token"
         raise RunError(
-            f"Failed to join the Ray cluster at {address}: {error}. Check the address and that the cluster is "
-            f"running. A cluster with token authentication, which 'ray start' of Ray 2.60 turns on where it finds a "
-            f"token, also needs that token on this machine, in ~/.ray/auth_token or RAY_AUTH_TOKEN."
+            f"Failed to join the Ray cluster at {address}: {error}. {cause}: a cluster with token authentication, "
+            f"which 'ray start' of Ray 2.60 turns on where it finds a token, needs the same token on this machine, "
+            f"in ~/.ray/auth_token or RAY_AUTH_TOKEN, with RAY_AUTH_MODE unset or set to token."
         ) from None
     logger.info("Started a local Ray instance: %s", _describe_resources(ray.cluster_resources()))
     return True
+
+
+_token_mode_from_found_token = False
+"""Whether :func:`connect_ray` joined a cluster in token mode only because it found a token."""
 
 
 def _ray_token_found() -> bool:
@@ -667,34 +673,59 @@ def _ray_token_found() -> bool:
 
 
 RAY_CONNECT_TIMEOUT_S = 10.0
-"""Seconds :func:`connect_ray` waits for a TCP connection to a cluster's address."""
+"""Seconds :func:`connect_ray` waits for a TCP connection to a cluster's address, and for its answer."""
+
+# HTTP/2's client connection preface followed by an empty SETTINGS frame
+_HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_HTTP2_SETTINGS = 0x04
 
 
-def _check_reachable(address: str) -> None:
-    """Raise RunError unless ``address`` of the form HOST:PORT or ray://HOST:PORT accepts a TCP connection.
+def _check_reachable(address: str) -> bool:
+    """Raise RunError unless ``address`` of the form HOST:PORT or ray://HOST:PORT accepts a gRPC connection.
 
     Ray 2.60 tries a GCS address that accepts no connection 20 times, and one try took
     about 35 s on a development machine, so ``ray.init`` would give up only after minutes.
     For a loopback host, Ray connects to this machine's node address instead, so that
     address is tried. Other forms, such as ``auto``, are left to Ray.
+
+    Returns:
+        True once the address answered, False for a form that is left to Ray.
     """
     match = re.fullmatch(r"(ray://)?(\[[0-9a-fA-F:.]+\]|[^:/\[\]]+):(\d+)", address.strip())
     if match is None:
-        return
+        return False
     client, host, port = match.group(1), match.group(2).strip("[]"), int(match.group(3))
     if not client and (host == "localhost" or host == "::1" or host.startswith("127.")):
         from ray.util import get_node_ip_address
 
         host = get_node_ip_address()
     try:
-        with socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S):
-            pass
+        connection = socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S)
     except OSError as error:
         reason = error.strerror or str(error) or type(error).__name__
         raise RunError(
             f"Failed to join the Ray cluster at {address}: no connection to {host}:{port}, where Ray looks for "
             f"it ({reason}). Check the address and that the cluster is running."
         ) from None
+    # Ray's GCS and client server speak gRPC, so they answer HTTP/2's client preface with a
+    # SETTINGS frame. Another server, such as Redis on port 6379, would make ray.init retry.
+    with connection:
+        try:
+            connection.sendall(_HTTP2_CLIENT_PREFACE)
+            header = b""
+            while len(header) < 9:
+                chunk = connection.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+        except OSError:
+            header = b""
+    if len(header) < 9 or header[3] != _HTTP2_SETTINGS:
+        raise RunError(
+            f"Failed to join the Ray cluster at {address}: the server at {host}:{port} does not answer as a Ray "
+            f"cluster, whose address speaks gRPC. Check the port: 'ray start --head' prints the address to join."
+        )
+    return True
 
 
 @contextmanager
@@ -1120,10 +1151,17 @@ def supervise(
                 # the last stage after this one read it
                 workers_stopped = True
                 continue
+            hint = ""
+            if _token_mode_from_found_token:
+                hint = (
+                    " This process joined the cluster in token mode because it found a Ray token. If the "
+                    "cluster runs without authentication, set RAY_AUTH_MODE=disabled for the jethpo commands too."
+                )
             raise RunError(
                 "Every worker stopped before the pipeline finished"
                 + (f": {outcome.worker_errors[0]}" if outcome.worker_errors else ".")
                 + " Fix the cause and run the same command again to resume."
+                + hint
             )
         time.sleep(settings.poll_interval_s)
 

@@ -1421,3 +1421,29 @@ def test_join_refused_address_fails_fast():
     message = str(info.value)
     assert f"Failed to join the Ray cluster at {address}: no connection to " in message
     assert f":{address.split(':')[1]}, where Ray looks for it (Connection refused)" in message
+
+
+def test_join_other_server_fails_fast():
+    from ray.util import get_node_ip_address
+
+    # a server that answers like Redis, on the node address that Ray looks at for 127.0.0.1
+    server = socket.socket()
+    server.bind((get_node_ip_address(), 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+
+    def answer() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.sendall(b"-ERR unknown command\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(RunError) as info:
+            connect_ray(f"127.0.0.1:{port}")
+    finally:
+        thread.join(timeout=10)
+        server.close()
+
+    assert "does not answer as a Ray cluster, whose address speaks gRPC" in str(info.value)
