@@ -650,7 +650,7 @@ def connect_ray(address: str | None, *, log_to_driver: bool = False) -> bool:
             raise RunError(
                 f"Failed to start a local Ray instance: {error}. Its logs are under /tmp/ray/session_latest/logs."
             ) from None
-        cause = "Its address answers, so check the token" if probed else "Check the address and the token"
+        cause = "Its address responds, so check the token" if probed else "Check the address and the token"
         raise RunError(
             f"Failed to join the Ray cluster at {address}: {error}. {cause}: a cluster with token authentication, "
             f"which 'ray start' of Ray 2.60 turns on where it finds a token, needs the same token on this machine, "
@@ -673,7 +673,7 @@ def _ray_token_found() -> bool:
 
 
 RAY_CONNECT_TIMEOUT_S = 10.0
-"""Seconds :func:`connect_ray` waits for a TCP connection to a cluster's address, and for its answer."""
+"""Seconds :func:`connect_ray` waits for a TCP connection to a cluster's address, and for its response."""
 
 # HTTP/2's client connection preface followed by an empty SETTINGS frame
 _HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -689,7 +689,7 @@ def _check_reachable(address: str) -> bool:
     address is tried. Other forms, such as ``auto``, are left to Ray.
 
     Returns:
-        True once the address answered, False for a form that is left to Ray.
+        True once the address responded, False for a form that is left to Ray.
     """
     match = re.fullmatch(r"(ray://)?(\[[0-9a-fA-F:.]+\]|[^:/\[\]]+):(\d+)", address.strip())
     if match is None:
@@ -707,7 +707,7 @@ def _check_reachable(address: str) -> bool:
             f"Failed to join the Ray cluster at {address}: no connection to {host}:{port}, where Ray looks for "
             f"it ({reason}). Check the address and that the cluster is running."
         ) from None
-    # Ray's GCS and client server speak gRPC, so they answer HTTP/2's client preface with a
+    # Ray's GCS and client server speak gRPC, so they respond to HTTP/2's client preface with a
     # SETTINGS frame. Another server, such as Redis on port 6379, would make ray.init retry.
     with connection:
         try:
@@ -722,8 +722,8 @@ def _check_reachable(address: str) -> bool:
             header = b""
     if len(header) < 9 or header[3] != _HTTP2_SETTINGS:
         raise RunError(
-            f"Failed to join the Ray cluster at {address}: the server at {host}:{port} does not answer as a Ray "
-            f"cluster, whose address speaks gRPC. Check the port: 'ray start --head' prints the address to join."
+            f"Failed to join the Ray cluster at {address}: the server at {host}:{port} did not respond with gRPC, "
+            f"as a Ray cluster's address does. Check the port: 'ray start --head' prints the address to join."
         )
     return True
 

@@ -1446,4 +1446,4 @@ def test_join_other_server_fails_fast():
         thread.join(timeout=10)
         server.close()
 
-    assert "does not answer as a Ray cluster, whose address speaks gRPC" in str(info.value)
+    assert "did not respond with gRPC, as a Ray cluster's address does" in str(info.value)
