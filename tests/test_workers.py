@@ -1426,7 +1426,7 @@ def test_join_refused_address_fails_fast():
 def test_join_other_server_fails_fast():
     from ray.util import get_node_ip_address
 
-    # a server that answers like Redis, on the node address that Ray looks at for 127.0.0.1
+    # a server that responds as Redis does, on the node address that Ray uses for 127.0.0.1
     server = socket.socket()
     server.bind((get_node_ip_address(), 0))
     server.listen(1)
