@@ -629,9 +629,10 @@ def connect_ray(address: str | None, *, log_to_driver: bool = False) -> bool:
     # and `ray start` turns it on where it finds a token. A driver sends its token only in
     # token mode, and aborts in token mode without one. Ray reads the mode when it is imported.
     global _token_mode_from_found_token
-    if address and "RAY_AUTH_MODE" not in os.environ and _ray_token_found():
+    token_found = _ray_token_found()
+    if address and "RAY_AUTH_MODE" not in os.environ and token_found:
         _token_mode_from_found_token = True
-    if not address or _ray_token_found():
+    if not address or token_found:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
