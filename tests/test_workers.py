@@ -1412,7 +1412,13 @@ def test_join_token_cluster(tmp_path_factory):
 
 
 def test_join_refused_address_fails_fast():
-    address = f"127.0.0.1:{free_port()}"
+    from ray.util import get_node_ip_address
+
+    # a port free on the node address, which Ray and the probe use for 127.0.0.1
+    with socket.socket() as probe:
+        probe.bind((get_node_ip_address(), 0))
+        port = probe.getsockname()[1]
+    address = f"127.0.0.1:{port}"
 
     # Ray itself would retry such an address for minutes before it gives up
     with pytest.raises(RunError) as info:
@@ -1420,7 +1426,7 @@ def test_join_refused_address_fails_fast():
 
     message = str(info.value)
     assert f"Failed to join the Ray cluster at {address}: no connection to " in message
-    assert f":{address.split(':')[1]}, where Ray looks for it (Connection refused)" in message
+    assert f":{port}, where Ray looks for it (Connection refused)" in message
 
 
 def test_join_other_server_fails_fast():
