@@ -17,6 +17,9 @@ alembic to the first storage opening inside the timed run, as the code before th
 variant did.
 
 Each worker count runs once per variant (``--variants``): jethpo as it is (``jethpo``), with
+each worker finding the head revision of Optuna's schema by importing Optuna's migration
+scripts, because its settings do not carry the head that this process read
+(``read-head``, as before ``hpo.workers.WorkerSettings.schema_head``), with
 the storage libraries imported inside the timed run (``cold-imports``), as
 before the third fix of ``bench.orchestration`` (``before-third``:
 ``bench.orchestration.optuna_reads`` in every worker), as before the second fix as well
@@ -124,7 +127,7 @@ class SleepWorker(Worker):
 
     Args:
         sleep_s: Seconds each trial sleeps.
-        variant: ``jethpo``, ``cold-imports``, ``before-third``, ``earlier`` or ``per-call-writes`` (see the
+        variant: ``jethpo``, ``read-head``, ``cold-imports``, ``before-third``, ``earlier`` or ``per-call-writes`` (see the
             module docstring).
         Other arguments: see ``hpo.workers.Worker``.
     """
@@ -167,7 +170,7 @@ class SleepWorker(Worker):
         hpo.objectives.train_params = functools.partial(sleep_train_params, sleep_s=self.sleep_s)
         if self.lock_log is not None:
             _time_budget_lock(Path(self.lock_log) / f"worker-{self.index}.jsonl")
-        if self.variant in ("jethpo", "cold-imports"):
+        if self.variant in ("jethpo", "cold-imports", "read-head"):
             return super().run()
         with optuna_reads():
             if self.variant == "before-third":
@@ -303,6 +306,8 @@ def measure(count: int, args: argparse.Namespace, path: Path, variant: str) -> d
 
         # workers, started and idle before the stage starts
         settings = WorkerSettings(url, poll_interval_s=args.poll)
+        if variant != "read-head":
+            settings = settings.with_schema_head()
         actor_class = ray.remote(SleepWorker)
         actors = [
             actor_class.options(
@@ -400,9 +405,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--variants",
         nargs="+",
-        choices=("jethpo", "cold-imports", "before-third", "earlier", "per-call-writes"),
+        choices=("jethpo", "read-head", "cold-imports", "before-third", "earlier", "per-call-writes"),
         default=["jethpo", "before-third"],
-        help="jethpo as it is, with the storage libraries imported inside the timed run, and as before the third, the second or all three fixes of bench.orchestration",
+        help="jethpo as it is, with each worker reading Optuna's schema head itself, with the storage libraries imported "
+        "inside the timed run, and as before the third, the second or all three fixes of bench.orchestration",
     )
     parser.add_argument("--output", type=result_name, default="workers", help="name of the result file under bench/results/")
     parser.add_argument("--timeout", type=positive_float, default=600, help="seconds one worker count may take")

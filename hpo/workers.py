@@ -35,6 +35,7 @@ another request.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -61,7 +62,7 @@ from hpo.pipeline import BudgetExhausted, StageRecord, budget_lock, count_study_
 from hpo.spaces import Profile, Resources
 from hpo.steps import StepRunner, claimable_steps
 from storage import pipeline as stage_table
-from storage import open_storage, set_trial_user_attrs
+from storage import open_storage, schema_head, set_trial_user_attrs
 from storage.urls import StorageError, describe_database_error, mask_password
 
 if TYPE_CHECKING:
@@ -145,6 +146,10 @@ class WorkerSettings:
         keep_freed_memory: Start workers with the malloc settings of
             :mod:`hpo.host_memory`, which make CPU training faster and its peak memory
             higher. Without, workers start with the environment of their Ray node.
+        schema_head: Optuna version and head revision of its storage schema, as read by
+            the process that started the workers (:meth:`with_schema_head`). A worker with
+            the same Optuna version checks its database against it without importing
+            Optuna's migration scripts.
     """
 
     storage_url: str
@@ -155,6 +160,7 @@ class WorkerSettings:
     data_path: str | None = None
     artifact_dir: str | None = None
     keep_freed_memory: bool = True
+    schema_head: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.heartbeat_interval, bool) or not isinstance(self.heartbeat_interval, int) or self.heartbeat_interval < 1:
@@ -166,6 +172,10 @@ class WorkerSettings:
                 f"invalid grace period {self.grace_period!r} s: it must be longer than the heartbeat interval "
                 f"of {self.heartbeat_interval} s, or running trials would be failed. Use at least twice the interval."
             )
+
+    def with_schema_head(self) -> WorkerSettings:
+        """Return these settings with the schema head that this process read when it opened a storage."""
+        return dataclasses.replace(self, schema_head=schema_head() or self.schema_head)
 
     def __repr__(self) -> str:
         return (
@@ -191,6 +201,7 @@ def open_worker_storage(settings: WorkerSettings) -> optuna.storages.RDBStorage:
         failed_trial_max_retry=settings.max_retry,
         pool_size=2,
         max_overflow=0,
+        known_head=settings.schema_head,
     )
 
 
@@ -924,6 +935,7 @@ def start_workers(
         ray.get(group.ready(), timeout=120)
 
     actor_class = ray.remote(concurrency_groups={_IDENTITY_GROUP: 1})(Worker)
+    settings = settings.with_schema_head()
     threads = max(1, math.floor(trial.cpus))
     workers = []
     for position, index in enumerate(range(first_index, first_index + count)):
@@ -1933,7 +1945,7 @@ def retrain_by_hand(
         )
         logger.info("Retraining %s of pipeline %s as a Ray task with %s", step, pipeline, _describe_resources(
             {"CPU": resources.cpus, "GPU": resources.gpus}))
-        running = task.remote(settings, pipeline, step)
+        running = task.remote(settings.with_schema_head(), pipeline, step)
         _wait_logging_epochs(running, settings, pipeline, step)
         result = ray.get(running)
     except ray.exceptions.RayTaskError as error:

@@ -13,7 +13,7 @@ from storage.pipeline import (
     save_space,
     upsert_stage,
 )
-from storage.rdb import open_storage, record_heartbeats, set_trial_user_attrs
+from storage.rdb import open_storage, record_heartbeats, schema_head, set_trial_user_attrs
 from storage.urls import StorageError, mask_password, parse_storage_url, resolve_storage_url
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "parse_storage_url",
     "record_heartbeats",
     "resolve_storage_url",
+    "schema_head",
     "save_space",
     "set_trial_user_attrs",
     "upsert_stage",

@@ -37,7 +37,14 @@ except ImportError:
 
     _STALE_CALLBACK_ARGUMENT = "failed_trial_callback"
 
-__all__ = ["missing_sqlite_file", "open_storage", "read_study_user_attrs", "record_heartbeats", "set_trial_user_attrs"]
+__all__ = [
+    "missing_sqlite_file",
+    "open_storage",
+    "read_study_user_attrs",
+    "record_heartbeats",
+    "schema_head",
+    "set_trial_user_attrs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,9 @@ _UPSERT_DIALECTS = {"postgresql": sqlalchemy_postgresql.insert, "sqlite": sqlalc
 
 _ALEMBIC_VERSION_TABLE = "alembic_version"
 """Table that Optuna stamps last when it creates its schema."""
+
+_head_revisions: dict[str, str] = {}
+"""Alembic head revision of Optuna's storage schema by Optuna version, once this process read it."""
 
 
 def open_storage(
@@ -59,6 +69,7 @@ def open_storage(
     connect_timeout: int = 10,
     sqlite_busy_timeout: float = 60.0,
     must_exist: bool = False,
+    known_head: tuple[str, str] | None = None,
 ) -> optuna.storages.RDBStorage:
     """Open the Optuna storage at ``url``, creating Optuna's and jethpo's tables if missing.
 
@@ -98,6 +109,10 @@ def open_storage(
         must_exist: Raise StorageError for a SQLite file that does not exist instead of
             creating it, for commands that only read what a run stored. A mistyped path then
             gets an error, not a new empty database.
+        known_head: Optuna version and head revision of its schema, from
+            :func:`schema_head` in another process. When the version is this process's,
+            the database's revision is compared with that head, and Optuna's migration
+            scripts are not read.
 
     Returns:
         The storage. Its ``engine`` attribute is the SQLAlchemy engine for
@@ -148,7 +163,7 @@ def open_storage(
                     logger.info("Created the storage schema in %s", masked)
         if storage is None:
             storage = _create_rdb_storage(url, skip_table_creation=True, **storage_kwargs)
-        _check_schema_version(storage, masked)
+        _check_schema_version(storage, masked, known_head)
     except (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError) as error:
         # Optuna wraps SQLAlchemy errors in StorageInternalError, whose cause has the driver's text
         reason = describe_database_error(error.__cause__ or error, parsed.password)
@@ -195,10 +210,32 @@ def _create_rdb_storage(url: str, **kwargs: Any) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(template, skip_compatibility_check=True, **kwargs)
 
 
-def _check_schema_version(storage: optuna.storages.RDBStorage, masked: str) -> None:
+def schema_head() -> tuple[str, str] | None:
+    """Return the Optuna version and the head revision of its schema, once this process read them.
+
+    :func:`open_storage` checks that a database's Alembic revision is the head revision of
+    the installed Optuna, which Alembic finds by importing each of Optuna's migration
+    scripts. A process that starts workers hands them this pair
+    (``hpo.workers.WorkerSettings.schema_head``), so that each worker, one new process per
+    worker, checks its database against it without importing the scripts. ``None`` before
+    this process opened a storage.
+    """
+    version = optuna.__version__
+    head = _head_revisions.get(version)
+    return None if head is None else (version, head)
+
+
+def _check_schema_version(
+    storage: optuna.storages.RDBStorage, masked: str, known_head: tuple[str, str] | None
+) -> None:
     # the same check as RDBStorage's own, with a one-line message that masks the password
     current = storage.get_current_version()
-    head = storage.get_head_version()
+    version = optuna.__version__
+    if known_head is not None and known_head[0] == version:
+        head = known_head[1]
+    else:
+        head = _head_revisions.get(version) or storage.get_head_version()
+        _head_revisions[version] = head
     if current == head:
         return
 

@@ -43,6 +43,7 @@ from storage import (
     record_heartbeats,
     resolve_storage_url,
     save_space,
+    schema_head,
     set_trial_user_attrs,
     upsert_stage,
 )
@@ -244,6 +245,28 @@ def test_outdated_schema_is_storage_error(sqlite_url):
     message = assert_clean_error(caught.value)
     assert old_revision in message
     assert "optuna storage upgrade" in message
+
+
+def test_schema_head_after_open(sqlite_url):
+    storage = open_storage(sqlite_url)
+
+    assert schema_head() == (optuna.__version__, storage.get_head_version())
+    storage.engine.dispose()
+
+
+def test_known_head_replaces_scripts(sqlite_url):
+    storage = open_storage(sqlite_url)
+    old_revision = storage.get_all_versions()[1]
+    storage.engine.dispose()
+
+    # a head from the same Optuna version is trusted, so a wrong one fails the check
+    with pytest.raises(StorageError) as caught:
+        open_storage(sqlite_url, known_head=(optuna.__version__, old_revision))
+    assert f"expects {old_revision!r}" in assert_clean_error(caught.value)
+
+    # a head from another Optuna version is ignored
+    other = open_storage(sqlite_url, known_head=("0.0.0", old_revision))
+    other.engine.dispose()
 
 
 # connection pool and SQLite settings

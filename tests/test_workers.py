@@ -44,7 +44,7 @@ from hpo.studies import add_space
 from hpo.cli import app
 from hpo.host_memory import worker_env_vars
 from hpo.workers import RunError, Worker, WorkerSettings, connect_ray, default_worker_count, start_workers
-from storage import StageState, get_stages, open_storage
+from storage import StageState, StorageError, get_stages, open_storage
 
 pytestmark = [
     pytest.mark.slow,
@@ -865,6 +865,25 @@ def test_trial_failed_by_storage_error_is_requeued(fresh_postgres_url, tiny_file
     assert "fail_reason" not in retry.user_attrs
     assert count_trials(study.get_trials()).used == 0
     assert "re-queued its parameters" in caplog.text
+
+
+def test_settings_carry_schema_head(fresh_postgres_url):
+    import dataclasses
+
+    from hpo.workers import open_worker_storage
+
+    storage = open_storage(fresh_postgres_url)
+    head = storage.get_head_version()
+    storage.engine.dispose()
+
+    settings = WorkerSettings(fresh_postgres_url, poll_interval_s=0.5).with_schema_head()
+    assert settings.schema_head == (optuna.__version__, head)
+    assert settings.poll_interval_s == 0.5
+
+    # the worker checks the database against the carried head
+    wrong = dataclasses.replace(settings, schema_head=(optuna.__version__, "v0.0.0.x"))
+    with pytest.raises(StorageError, match="expects 'v0.0.0.x'"):
+        open_worker_storage(wrong)
 
 
 def test_hand_back_owner_matches_step_claims(tmp_path):
