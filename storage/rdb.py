@@ -216,9 +216,9 @@ def schema_head() -> tuple[str, str] | None:
     :func:`open_storage` checks that a database's Alembic revision is the head revision of
     the installed Optuna, which Alembic finds by importing each of Optuna's migration
     scripts. A process that starts workers hands them this pair
-    (``hpo.workers.WorkerSettings.schema_head``), so that each worker, one new process per
-    worker, checks its database against it without importing the scripts. ``None`` before
-    this process opened a storage.
+    (``hpo.workers.WorkerSettings.schema_head``), so that each new worker process checks
+    its database against it without importing the scripts. ``None`` before this process
+    opened a storage.
     """
     version = optuna.__version__
     head = _head_revisions.get(version)
