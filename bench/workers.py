@@ -16,18 +16,16 @@ before the stage starts, so start-up is not timed. The ``cold-imports`` variant 
 alembic to the first storage opening inside the timed run, as the code before this
 variant did.
 
-Each worker count runs once per variant (``--variants``): jethpo as it is (``jethpo``),
-without the rehearsal of the first ``ask`` outside the budget lock (``no-rehearsal``:
-``hpo.pipeline.rehearse_ask`` does nothing), with each worker finding the head revision
-of Optuna's schema by importing Optuna's migration scripts, because its settings do not
-carry the head that this process read (``read-head``, as before
-``hpo.workers.WorkerSettings.schema_head``), with the storage libraries imported inside
-the timed run (``cold-imports``), as before the third fix of ``bench.orchestration``
-(``before-third``: ``bench.orchestration.optuna_reads`` in every worker), as before the
-second fix as well (``earlier``: ``bench.orchestration.earlier_trial_path`` too), and as
-before all three (``per-call-writes``: ``bench.orchestration.per_call_writes`` as well).
-CPU time per trial is summed by process group (workers, PostgreSQL, Ray, this controller)
-with psutil.
+Each worker count runs once per variant (``--variants``): jethpo as it is (``jethpo``), with
+each worker finding the head revision of Optuna's schema by importing Optuna's migration
+scripts, because its settings do not carry the head that this process read
+(``read-head``, as before ``hpo.workers.WorkerSettings.schema_head``), with
+the storage libraries imported inside the timed run (``cold-imports``), as
+before the third fix of ``bench.orchestration`` (``before-third``:
+``bench.orchestration.optuna_reads`` in every worker), as before the second fix as well
+(``earlier``: ``bench.orchestration.earlier_trial_path`` too), and as before all three
+(``per-call-writes``: ``bench.orchestration.per_call_writes`` as well). CPU time per trial is summed by process
+group (workers, PostgreSQL, Ray, this controller) with psutil.
 
 Throughput is the number of trials divided by the time from the first trial's start to
 the last trial's end, both read from the trials in the database. Efficiency is
@@ -129,7 +127,7 @@ class SleepWorker(Worker):
 
     Args:
         sleep_s: Seconds each trial sleeps.
-        variant: ``jethpo``, ``no-rehearsal``, ``read-head``, ``cold-imports``, ``before-third``, ``earlier`` or ``per-call-writes`` (see the
+        variant: ``jethpo``, ``read-head``, ``cold-imports``, ``before-third``, ``earlier`` or ``per-call-writes`` (see the
             module docstring).
         Other arguments: see ``hpo.workers.Worker``.
     """
@@ -172,11 +170,7 @@ class SleepWorker(Worker):
         hpo.objectives.train_params = functools.partial(sleep_train_params, sleep_s=self.sleep_s)
         if self.lock_log is not None:
             _time_budget_lock(Path(self.lock_log) / f"worker-{self.index}.jsonl")
-        if self.variant == "no-rehearsal":
-            import hpo.workers
-
-            hpo.workers.rehearse_ask = lambda storage: None
-        if self.variant in ("jethpo", "cold-imports", "read-head", "no-rehearsal"):
+        if self.variant in ("jethpo", "cold-imports", "read-head"):
             return super().run()
         with optuna_reads():
             if self.variant == "before-third":
@@ -411,9 +405,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--variants",
         nargs="+",
-        choices=("jethpo", "no-rehearsal", "read-head", "cold-imports", "before-third", "earlier", "per-call-writes"),
+        choices=("jethpo", "read-head", "cold-imports", "before-third", "earlier", "per-call-writes"),
         default=["jethpo", "before-third"],
-        help="jethpo as it is, without the rehearsal of the first ask, with each worker reading Optuna's schema head itself, with the storage libraries imported "
+        help="jethpo as it is, with each worker reading Optuna's schema head itself, with the storage libraries imported "
         "inside the timed run, and as before the third, the second or all three fixes of bench.orchestration",
     )
     parser.add_argument("--output", type=result_name, default="workers", help="name of the result file under bench/results/")

@@ -43,7 +43,6 @@ import fcntl
 import json
 import logging
 import threading
-import uuid
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -93,7 +92,6 @@ __all__ = [
     "queue_retry",
     "plan_pipeline",
     "register_pipeline",
-    "rehearse_ask",
     "studies_of_other_pipelines",
     "step_name",
     "retried_trial_numbers",
@@ -719,47 +717,6 @@ def budget_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterato
             yield None
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-def rehearse_ask(storage: optuna.storages.RDBStorage) -> None:
-    """Run the statements of a worker's ``ask`` once, in a transaction that is rolled back.
-
-    A new process compiles each SQL statement the first time it runs it, and opens its
-    second pooled connection on the first ``ask``. Without a rehearsal both fall into the
-    budget lock (:func:`budget_lock`), which workers that start together take one after
-    the other. The rehearsal counts and creates a trial of a study of its own, so that no
-    worker waits for its row locks, and the rollback leaves nothing in the database. It
-    only runs on PostgreSQL, because SQLite's driver does not nest a savepoint in the
-    transaction. A failed rehearsal is logged and ignored: the real ``ask`` runs the same
-    statements and reports the error.
-
-    Args:
-        storage: Storage returned by ``storage.open_storage``, not wrapped in Optuna's cache.
-    """
-    engine = storage.engine
-    if engine.dialect.name != "postgresql":
-        return
-    studies_table = optuna_models.StudyModel.__table__
-    try:
-        # the second checkout opens the pool's second connection, as the lock and ask do
-        with engine.connect() as connection, engine.connect():
-            transaction = connection.begin()
-            try:
-                study_id = connection.execute(
-                    studies_table.insert()
-                    .values(study_name=f"jethpo-rehearsal-{uuid.uuid4().hex}")
-                    .returning(studies_table.c.study_id)
-                ).scalar_one()
-                count_study_trials(connection, study_id)
-                # Optuna's session joins the transaction, and its commits end savepoints only
-                storage.scoped_session.remove()
-                storage.scoped_session(bind=connection, join_transaction_mode="create_savepoint")
-                storage.get_trial(storage.create_new_trial(study_id))
-            finally:
-                storage.scoped_session.remove()
-                transaction.rollback()
-    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
-        logger.debug("Rehearsing the first ask failed: %s", error)
 
 
 # stale trials

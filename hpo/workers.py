@@ -58,7 +58,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo import pipeline as stages
 from hpo.host_memory import release_freed_memory, worker_env_vars
-from hpo.pipeline import BudgetExhausted, StageRecord, budget_lock, count_study_trials, rehearse_ask
+from hpo.pipeline import BudgetExhausted, StageRecord, budget_lock, count_study_trials
 from hpo.spaces import Profile, Resources
 from hpo.steps import StepRunner, claimable_steps
 from storage import pipeline as stage_table
@@ -250,9 +250,8 @@ class _Outage:
 class _WorkerStudy(optuna.Study):
     """Study whose ``ask`` enforces the stage's global budget and tags the trial with its worker.
 
-    ``hpo.objectives.run_trial`` calls ``ask`` once per trial. Here the first ``ask``
-    rehearses its statements outside the lock (:func:`~hpo.pipeline.rehearse_ask`). Each
-    ``ask`` then takes the study's :func:`~hpo.pipeline.budget_lock`, counts the trials, and raises
+    ``hpo.objectives.run_trial`` calls ``ask`` once per trial. Here ``ask`` takes the
+    study's :func:`~hpo.pipeline.budget_lock`, counts the trials, and raises
     :class:`~hpo.pipeline.BudgetExhausted` instead of creating a trial when no budget is
     left. ``run_trial`` stores ``trial_attrs``, the worker's identity, with its own
     attributes in one transaction, and records the first heartbeat one interval after
@@ -273,12 +272,8 @@ class _WorkerStudy(optuna.Study):
         self.trial_attrs = dict(trial_attrs)
         self.n_trials = 0
         self._none_waiting = False
-        self._rehearsed = False
 
     def ask(self, fixed_distributions=None) -> optuna.Trial:
-        if not self._rehearsed:
-            rehearse_ask(self._rdb)
-            self._rehearsed = True
         with budget_lock(self._rdb, self.study_name) as locked:
             if locked is None:
                 with self._rdb.engine.connect() as connection:

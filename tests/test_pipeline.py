@@ -15,7 +15,6 @@ import time
 
 import optuna
 import pytest
-import sqlalchemy
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
@@ -30,7 +29,6 @@ from hpo.pipeline import (
     plan_pipeline,
     queue_retry,
     register_pipeline,
-    rehearse_ask,
     studies_of_other_pipelines,
     unfinished_pipelines,
 )
@@ -554,41 +552,6 @@ def test_budget_lock_blocks_second_holder(storage):
 def _take(storage, order: list[str]) -> None:
     with budget_lock(storage, "tiny-nf.first"):
         order.append("second in")
-
-
-def test_rehearsal_leaves_nothing(fresh_postgres_url):
-    storage = open_storage(fresh_postgres_url, heartbeat_interval=None)
-    study = optuna.create_study(study_name="kept", storage=storage)
-    study.tell(study.ask(), 1.0)
-
-    rehearse_ask(storage)
-
-    # Optuna's session is bound to the engine again, so this trial commits
-    trial = study.ask()
-    study.tell(trial, 2.0)
-    other = open_storage(fresh_postgres_url, heartbeat_interval=None)
-    summaries = optuna.get_all_study_summaries(other)
-    assert [(summary.study_name, summary.n_trials) for summary in summaries] == [("kept", 2)]
-    assert trial.number == 1
-    assert [kept.state for kept in optuna.load_study(study_name="kept", storage=other).trials] == [
-        TrialState.COMPLETE,
-        TrialState.COMPLETE,
-    ]
-    other.engine.dispose()
-    storage.engine.dispose()
-
-
-def test_failed_rehearsal_is_ignored(fresh_postgres_url, caplog):
-    storage = open_storage(fresh_postgres_url, heartbeat_interval=None)
-    with storage.engine.begin() as connection:
-        connection.execute(sqlalchemy.text("ALTER TABLE studies RENAME TO studies_moved"))
-
-    with caplog.at_level(logging.DEBUG, logger="hpo.pipeline"):
-        rehearse_ask(storage)
-
-    storage.engine.dispose()
-    assert "Rehearsing the first ask failed" in caplog.text
-    assert "studies" in caplog.text
 
 
 # progress
