@@ -16,16 +16,16 @@ before the stage starts, so start-up is not timed. The ``cold-imports`` variant 
 alembic to the first storage opening inside the timed run, as the code before this
 variant did.
 
-Each worker count runs once per variant (``--variants``): jethpo as it is (``jethpo``), with
-each worker finding the head revision of Optuna's schema by importing Optuna's migration
-scripts, because its settings do not carry the head that this process read
-(``read-head``, as before ``hpo.workers.WorkerSettings.schema_head``), with
-the storage libraries imported inside the timed run (``cold-imports``), as
-before the third fix of ``bench.orchestration`` (``before-third``:
-``bench.orchestration.optuna_reads`` in every worker), as before the second fix as well
-(``earlier``: ``bench.orchestration.earlier_trial_path`` too), and as before all three
-(``per-call-writes``: ``bench.orchestration.per_call_writes`` as well). CPU time per trial is summed by process
-group (workers, PostgreSQL, Ray, this controller) with psutil.
+Each worker count runs once per variant (``--variants``): jethpo as it is (``jethpo``),
+with each worker finding the head revision of Optuna's schema by importing Optuna's
+migration scripts, because its settings do not carry the head that this process read
+(``read-head``, as before ``hpo.workers.WorkerSettings.schema_head``), with the storage
+libraries imported inside the timed run (``cold-imports``), as before the third fix of
+``bench.orchestration`` (``before-third``: ``bench.orchestration.optuna_reads`` in every
+worker), as before the second fix as well (``earlier``:
+``bench.orchestration.earlier_trial_path`` too), and as before all three
+(``per-call-writes``: ``bench.orchestration.per_call_writes`` as well). CPU time per
+trial is summed by process group (workers, PostgreSQL, Ray, this controller) with psutil.
 
 Throughput is the number of trials divided by the time from the first trial's start to
 the last trial's end, both read from the trials in the database. Efficiency is
