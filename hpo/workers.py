@@ -1594,6 +1594,7 @@ def run_pipeline(
                 "; ".join(changes),
             )
         logger.info("Pipeline %s is already finished; nothing to run", plan.name)
+        _warn_missing_artifacts(registered, artifact_dir, plan.name)
         return _final_outcome(storage, [plan.name])
     if data is None and registered is not None and Path(registered["data_path"]).exists():
         # a resumed pipeline keeps its jets, even when the data directory now has other generated jets
@@ -1676,6 +1677,20 @@ def _resumed_artifact_dir(
         chosen,
     )
     return chosen
+
+
+def _warn_missing_artifacts(registered: Mapping[str, Any] | None, chosen: Path | None, pipeline: str) -> None:
+    """Log a warning when a finished pipeline's artifact directory is not on this machine."""
+    before = registered.get("artifact_dir") if registered is not None else None
+    if not before or Path(before).is_dir() or (chosen is not None and Path(chosen).is_dir()):
+        return
+    logger.warning(
+        "Pipeline %s is finished, but its artifact directory %s does not exist here, so the checkpoints, "
+        "plots and tables of its results are missing. Mount the folder at that path, or pass its new path "
+        "with --artifacts to the commands that read artifacts.",
+        pipeline,
+        before,
+    )
 
 
 def _check_registered_jets(

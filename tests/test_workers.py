@@ -635,6 +635,33 @@ def test_finished_run_warns_of_budget_changes(tmp_path, caplog):
     assert "already finished; nothing to run" in caplog.text
 
 
+def test_finished_run_warns_of_missing_artifacts(tmp_path, caplog):
+    gone = tmp_path / "gone"
+    url = register_on_sqlite(tmp_path, "smoke", artifact_dir=str(gone))
+    finish_on_sqlite(url, "smoke")
+
+    with caplog.at_level("INFO", logger="hpo.workers"):
+        result = CliRunner().invoke(app, ["run", "--storage", url, "--data-dir", str(tmp_path)], env={"JETHPO_ARTIFACTS": ""})
+
+    assert result.exit_code == 0, result.output
+    assert "already finished; nothing to run" in caplog.text
+    assert f"Pipeline smoke is finished, but its artifact directory {gone} does not exist here" in caplog.text
+
+
+def test_finished_run_finds_moved_artifacts(tmp_path, caplog):
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    url = register_on_sqlite(tmp_path, "smoke", artifact_dir=str(tmp_path / "gone"))
+    finish_on_sqlite(url, "smoke")
+
+    with caplog.at_level("INFO", logger="hpo.workers"):
+        result = CliRunner().invoke(app, ["run", "--storage", url, "--data-dir", str(tmp_path), "--artifacts", str(moved)])
+
+    assert result.exit_code == 0, result.output
+    assert "already finished; nothing to run" in caplog.text
+    assert "does not exist here" not in caplog.text
+
+
 def test_changed_budgets_lists_resources(tmp_path):
     from hpo.pipeline import changed_budgets
 
