@@ -636,8 +636,8 @@ def test_finished_run_warns_of_budget_changes(tmp_path, caplog):
 
 
 def test_finished_run_warns_of_missing_artifacts(tmp_path, caplog):
-    gone = tmp_path / "gone"
-    url = register_on_sqlite(tmp_path, "smoke", artifact_dir=str(gone))
+    missing_dir = tmp_path / "missing"
+    url = register_on_sqlite(tmp_path, "smoke", artifact_dir=str(missing_dir))
     finish_on_sqlite(url, "smoke")
 
     with caplog.at_level("INFO", logger="hpo.workers"):
@@ -645,13 +645,13 @@ def test_finished_run_warns_of_missing_artifacts(tmp_path, caplog):
 
     assert result.exit_code == 0, result.output
     assert "already finished; nothing to run" in caplog.text
-    assert f"Pipeline smoke is finished, but its artifact directory {gone} does not exist here" in caplog.text
+    assert f"Pipeline smoke is finished, but its artifact directory {missing_dir} does not exist here" in caplog.text
 
 
 def test_finished_run_finds_moved_artifacts(tmp_path, caplog):
     moved = tmp_path / "moved"
     moved.mkdir()
-    url = register_on_sqlite(tmp_path, "smoke", artifact_dir=str(tmp_path / "gone"))
+    url = register_on_sqlite(tmp_path, "smoke", artifact_dir=str(tmp_path / "missing"))
     finish_on_sqlite(url, "smoke")
 
     with caplog.at_level("INFO", logger="hpo.workers"):
