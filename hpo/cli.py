@@ -200,7 +200,7 @@ def _open_storage(url: str, must_exist: bool = False) -> optuna.storages.RDBStor
     """Open the storage and route Optuna's log records through the root logger.
 
     Commands that read what a run stored pass ``must_exist``, so that they report a SQLite
-    file that does not exist instead of creating an empty one.
+    file that does not exist, or a database without a storage, instead of creating one.
     """
     import optuna
 
@@ -215,15 +215,16 @@ def _open_storage(url: str, must_exist: bool = False) -> optuna.storages.RDBStor
 def _stored_spaces(url: str) -> dict[str, Any]:
     """Return the shipped search spaces and those added to the storage.
 
-    Before the first run has created a SQLite file, only the shipped ones, without
-    creating the file.
+    Before the first run has created the storage, only the shipped ones, without creating
+    the storage.
     """
     from hpo.studies import builtin_spaces, load_spaces
-    from storage.rdb import missing_sqlite_file
+    from storage.urls import StorageNotFoundError
 
-    if missing_sqlite_file(url) is not None:
+    try:
+        return load_spaces(_open_storage(url, must_exist=True))
+    except StorageNotFoundError:
         return builtin_spaces()
-    return load_spaces(_open_storage(url))
 
 
 def _masked(url: str) -> str:

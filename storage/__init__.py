@@ -14,7 +14,7 @@ from storage.pipeline import (
     upsert_stage,
 )
 from storage.rdb import open_storage, record_heartbeats, schema_head, set_trial_user_attrs
-from storage.urls import StorageError, mask_password, parse_storage_url, resolve_storage_url
+from storage.urls import StorageError, StorageNotFoundError, mask_password, parse_storage_url, resolve_storage_url
 
 __all__ = [
     "SpaceConflictError",
@@ -22,6 +22,7 @@ __all__ = [
     "StageNotFoundError",
     "StageState",
     "StorageError",
+    "StorageNotFoundError",
     "claim_stage",
     "create_tables",
     "finish_stage",

@@ -24,7 +24,7 @@ from sqlalchemy.pool import NullPool
 
 from storage.locks import schema_lock, sqlite_database_path
 from storage.pipeline import metadata as jethpo_metadata
-from storage.urls import STORAGE_ENV_VAR, StorageError, describe_database_error, mask_password
+from storage.urls import STORAGE_ENV_VAR, StorageError, StorageNotFoundError, describe_database_error, mask_password
 from storage.urls import parse_storage_url
 
 try:
@@ -106,9 +106,10 @@ def open_storage(
         max_overflow: Extra connections a process may open at peak load.
         connect_timeout: PostgreSQL connection timeout in seconds.
         sqlite_busy_timeout: SQLite wait for a lock in seconds.
-        must_exist: Raise StorageError for a SQLite file that does not exist instead of
-            creating it, for commands that only read what a run stored. A mistyped path then
-            gets an error, not a new empty database.
+        must_exist: Raise StorageNotFoundError for a SQLite file that does not exist, or a
+            database without Optuna's schema, instead of creating the storage, for commands
+            that only read what a run stored. A mistyped path or database name then gets an
+            error, not new tables.
         known_head: Optuna version and head revision of its schema, from
             :func:`schema_head` in another process. When the version is this process's,
             the database's revision is compared with that head, and Optuna's migration
@@ -149,6 +150,8 @@ def open_storage(
         probe = sqlalchemy.create_engine(
             url, poolclass=NullPool, connect_args=engine_kwargs["connect_args"]
         )
+        if must_exist and not _has_optuna_schema(probe):
+            raise StorageNotFoundError(_no_storage_message(parsed, masked))
         storage: optuna.storages.RDBStorage | None = None
         if not _schema_is_ready(probe):
             with schema_lock(probe):
@@ -345,7 +348,7 @@ def _check_sqlite_folder(url: URL, masked: str, must_exist: bool) -> None:
     if path is None:
         return
     if must_exist and missing_sqlite_file(url) is not None:
-        raise StorageError(
+        raise StorageNotFoundError(
             f"Failed to open storage {masked!r}: database file not found. Check the path in --storage "
             f"or {STORAGE_ENV_VAR}, or start a search with 'jethpo run', which creates it."
         )
@@ -356,17 +359,35 @@ def _check_sqlite_folder(url: URL, masked: str, must_exist: bool) -> None:
         )
 
 
+def _has_optuna_schema(engine: sqlalchemy.Engine) -> bool:
+    with engine.connect() as connection:
+        return _optuna_schema_stamped(connection)
+
+
+def _optuna_schema_stamped(connection: sqlalchemy.Connection) -> bool:
+    if not sqlalchemy.inspect(connection).has_table(_ALEMBIC_VERSION_TABLE):
+        return False
+    stamped = connection.execute(sqlalchemy.text(f"SELECT COUNT(*) FROM {_ALEMBIC_VERSION_TABLE}")).scalar_one()
+    return stamped > 0
+
+
+def _no_storage_message(url: URL, masked: str) -> str:
+    hint = ""
+    if url.get_backend_name() == "postgresql" and not url.database:
+        hint = " The URL names no database, so the server's default database was opened."
+    return (
+        f"Failed to open storage {masked!r}: the database holds no jethpo storage.{hint} Check the "
+        f"database name in --storage or {STORAGE_ENV_VAR}, or start a search with 'jethpo run', "
+        f"which creates the storage."
+    )
+
+
 def _schema_is_ready(engine: sqlalchemy.Engine) -> bool:
     with engine.connect() as connection:
         inspector = sqlalchemy.inspect(connection)
-        required = [_ALEMBIC_VERSION_TABLE, *jethpo_metadata.tables]
-        if not all(inspector.has_table(name) for name in required):
+        if not all(inspector.has_table(name) for name in jethpo_metadata.tables):
             return False
-
-        stamped = connection.execute(
-            sqlalchemy.text(f"SELECT COUNT(*) FROM {_ALEMBIC_VERSION_TABLE}")
-        ).scalar_one()
-        if stamped == 0:
+        if not _optuna_schema_stamped(connection):
             return False
 
         if connection.dialect.name == "sqlite" and sqlite_database_path(engine.url) is not None:

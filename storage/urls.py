@@ -16,6 +16,7 @@ __all__ = [
     "STORAGE_ENV_VAR",
     "SUPPORTED_DIALECTS",
     "StorageError",
+    "StorageNotFoundError",
     "default_storage_url",
     "describe_database_error",
     "mask_password",
@@ -47,6 +48,10 @@ class StorageError(Exception):
     The message is one line that names the URL with its password masked, what failed and
     what to do, so a command line can print ``str(error)`` and exit.
     """
+
+
+class StorageNotFoundError(StorageError):
+    """Storage that a command only reads from, but that no run has created yet."""
 
 
 def default_storage_url(data_dir: Path, create: bool = True) -> str:

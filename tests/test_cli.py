@@ -488,6 +488,61 @@ def test_mistyped_sqlite_path_creates_nothing(tmp_path, monkeypatch, command):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["space.yaml"]
 
 
+def _table_names(url: str) -> list[str]:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as connection:
+        names = sqlalchemy.inspect(connection).get_table_names()
+    engine.dispose()
+    return names
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["studies"],
+        ["best", "nf.search"],
+        ["results"],
+        ["retrain", "nf"],
+        ["generate", "--model", "nf", "--jets", "10", "--out", "sampled.h5"],
+        ["dashboard"],
+        ["spaces", "validate", "space.yaml"],
+    ],
+    ids=lambda command: command[0] if command[0] != "spaces" else "spaces-validate",
+)
+def test_empty_database_gets_no_tables(tmp_path, monkeypatch, fresh_postgres_url, command):
+    monkeypatch.chdir(tmp_path)
+    copy_of_nf(tmp_path)
+
+    result = invoke(*command, "--storage", fresh_postgres_url)
+
+    assert result.exit_code == 1, result.output
+    assert "the database holds no jethpo storage. Check the database name" in result.output
+    assert "Traceback" not in result.output
+    assert _table_names(fresh_postgres_url) == []
+
+
+def test_spaces_list_on_empty_database(fresh_postgres_url):
+    result = invoke("spaces", "list", "--storage", fresh_postgres_url)
+
+    assert result.exit_code == 0, result.output
+    for name in builtin_spaces():
+        assert name in result.stdout
+    assert _table_names(fresh_postgres_url) == []
+
+
+def test_url_without_database_named():
+    import sqlalchemy
+
+    from storage.rdb import _no_storage_message
+
+    url = sqlalchemy.make_url("postgresql://postgres@127.0.0.1:5432")
+    message = _no_storage_message(url, "postgresql://postgres@127.0.0.1:5432")
+
+    assert "The URL names no database, so the server's default database was opened." in message
+
+
 @pytest.mark.parametrize(
     ("device", "expected"),
     [("bogus", "invalid device 'bogus'"), ("cuda", "PyTorch finds no CUDA GPU. Use cpu.")],

@@ -255,11 +255,17 @@ def test_readme_postgres_setup_works(postgres_admin_url):
     subprocess.run([*createdb[:-1], name], check=True, timeout=60)
     try:
         env = {**os.environ, variable: storage_url.set(database=name).render_as_string(hide_password=False)}
+        # a read-only command reaches the new database and creates nothing in it
+        listed = subprocess.run(
+            [str(Path(sys.executable).with_name("jethpo")), "spaces", "list"], env=env, capture_output=True, text=True, timeout=120
+        )
         studies = subprocess.run(
             [str(Path(sys.executable).with_name("jethpo")), "studies"], env=env, capture_output=True, text=True, timeout=120
         )
     finally:
         subprocess.run(["dropdb", *createdb[1:-1], name], check=True, timeout=60)
 
-    assert studies.returncode == 0, studies.stderr
-    assert f"No jethpo studies in postgresql://postgres@127.0.0.1:5432/{name} yet" in studies.stdout
+    assert listed.returncode == 0, listed.stderr
+    assert "convae-gen" in listed.stdout
+    assert studies.returncode == 1
+    assert f"'postgresql://postgres@127.0.0.1:5432/{name}': the database holds no jethpo storage" in studies.stderr
