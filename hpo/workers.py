@@ -1925,7 +1925,9 @@ def retrain_by_hand(
         The step's output (see ``hpo.steps.StepRunner``).
 
     Raises:
-        RunError: The step is done and ``force`` is not set, is running elsewhere, or failed again.
+        RunError: The step is done and ``force`` is not set, the registered artifact
+            directory is missing and ``settings`` names no other, or the step is running
+            elsewhere or failed again.
     """
     storage = open_worker_storage(settings)
     try:
@@ -1938,6 +1940,13 @@ def retrain_by_hand(
             raise RunError(
                 f"Step {step} of pipeline {pipeline} is done (checkpoint artifact {output.get('checkpoint', '?')}). "
                 f"Pass --force to retrain again."
+            )
+        registered = stages.registered_run(storage, pipeline) or {}
+        if settings.artifact_dir is None and registered.get("artifact_dir") and not Path(registered["artifact_dir"]).is_dir():
+            # the retrained checkpoint would land in a new empty folder, apart from the other artifacts
+            raise RunError(
+                f"Pipeline {pipeline} keeps its checkpoints in the artifact directory {registered['artifact_dir']}, "
+                f"which does not exist here. Pass its new path with --artifacts, or restore the folder there."
             )
         if record.state == stages.StageState.FAILED or (record.state == stages.StageState.DONE and force):
             downstream = _downstream(records, step)

@@ -662,6 +662,20 @@ def test_finished_run_finds_moved_artifacts(tmp_path, caplog):
     assert "does not exist here" not in caplog.text
 
 
+def test_retrain_needs_artifact_folder(tmp_path):
+    missing_dir = tmp_path / "missing"
+    url = register_on_sqlite(tmp_path, "smoke", families=["nf"], artifact_dir=str(missing_dir))
+
+    result = CliRunner().invoke(app, ["retrain", "nf", "--storage", url, "--data-dir", str(tmp_path)], env={"JETHPO_ARTIFACTS": ""})
+
+    assert result.exit_code == 1, result.output
+    assert f"keeps its checkpoints in the artifact directory {missing_dir}, which does not exist here" in result.stderr
+    assert "Pass its new path with --artifacts" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not missing_dir.exists()
+    assert not (tmp_path / "artifacts").exists()
+
+
 def test_changed_budgets_lists_resources(tmp_path):
     from hpo.pipeline import changed_budgets
 
