@@ -22,7 +22,7 @@ from hpo.steps import claimable_steps, step_is_stale
 from hpo.workers import WorkerSettings, _run_info, run_step
 from models.checkpoint import CheckpointError, load_checkpoint
 from storage import StageState, get_stages, open_storage, save_space
-from storage.artifacts import download_file, open_artifact_store
+from storage.artifacts import ArtifactError, download_file, open_artifact_store
 from storage.pipeline import finish_stage, get_outputs, reclaim_stage, set_output, touch_stage
 
 pytestmark = [
@@ -302,6 +302,22 @@ def test_retrain_resumes_after_kill(settings, jets_path, tmp_path, caplog):
     # the work folder held only copies of artifacts and the training state
     assert not state_path.parent.exists()
     assert result["output"]["checkpoint"] in os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("others", [0, 1], ids=["empty-folder", "other-artifacts"])
+def test_missing_artifact_names_folder(tmp_path, others):
+    store = open_artifact_store(tmp_path / "artifacts")
+    for index in range(others):
+        (tmp_path / "artifacts" / f"other-{index}").write_bytes(b"x")
+
+    with pytest.raises(ArtifactError) as caught:
+        download_file(store, "model-id", tmp_path / "inputs" / "model.pt")
+
+    message = str(caught.value)
+    assert f"Artifact model-id is not in the artifact directory '{tmp_path / 'artifacts'}'" in message
+    assert ("which is empty" in message) == (others == 0)
+    assert "Pass the folder that holds the pipeline's artifacts with --artifacts" in message
+    assert not (tmp_path / "inputs" / "model.pt").exists()
 
 
 def test_artifact_download_by_many_workers_at_once(tmp_path):
