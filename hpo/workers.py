@@ -1565,6 +1565,9 @@ def run_pipeline(
     from hpo.progress import LiveView, PipelineMonitor
     from hpo.studies import load_spaces
 
+    if address:
+        # before the pipeline is registered and its jets are generated
+        _check_reachable(address)
     storage = open_worker_storage(settings)
     plan = stages.plan_pipeline(load_spaces(storage), profile, families)
     for stage in plan.excluded:

@@ -1489,6 +1489,24 @@ def test_join_refused_address_fails_fast():
     assert f":{port}, where Ray looks for it (Connection refused)" in message
 
 
+def test_run_checks_address_first(tmp_path):
+    from ray.util import get_node_ip_address
+
+    with socket.socket() as probe:
+        probe.bind((get_node_ip_address(), 0))
+        port = probe.getsockname()[1]
+    url = f"sqlite:///{tmp_path / 'jethpo.db'}"
+
+    result = CliRunner().invoke(
+        app, ["run", "--profile", "smoke", "--storage", url, "--data-dir", str(tmp_path), "--address", f"127.0.0.1:{port}"]
+    )
+
+    assert result.exit_code == 1, result.output
+    assert f"Failed to join the Ray cluster at 127.0.0.1:{port}: no connection to " in result.stderr
+    # neither the storage nor the jets were made
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
 def test_join_other_server_fails_fast():
     from ray.util import get_node_ip_address
 
