@@ -91,6 +91,7 @@ __all__ = [
     "load_stage_records",
     "queue_retry",
     "plan_pipeline",
+    "record_artifact_dir",
     "register_pipeline",
     "studies_of_other_pipelines",
     "step_name",
@@ -934,6 +935,19 @@ def _pipeline_names(storage: optuna.storages.RDBStorage, states: Sequence[StageS
         query = query.where(table.c.state.in_([state.value for state in states]))
     with storage.engine.connect() as connection:
         return sorted(connection.execute(query).scalars())
+
+
+def record_artifact_dir(storage: optuna.storages.RDBStorage, pipeline: str, artifact_dir: str) -> None:
+    """Store a new artifact directory in the :data:`RUN_ATTR` of a pipeline's search studies.
+
+    ``jethpo run`` records it for a finished pipeline whose folder was moved, which
+    otherwise keeps the run information of its last registration.
+    """
+    names = [row.study_name for row in stage_table.get_stages(storage.engine, pipeline)]
+    for name, attrs in read_study_user_attrs(storage, names).items():
+        run = attrs.get(RUN_ATTR)
+        if isinstance(run, Mapping) and run.get("pipeline") == pipeline:
+            storage.set_study_user_attr(storage.get_study_id_from_name(name), RUN_ATTR, {**run, "artifact_dir": artifact_dir})
 
 
 def registered_run(storage: optuna.storages.RDBStorage, pipeline: str) -> dict[str, Any] | None:

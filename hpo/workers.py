@@ -1597,7 +1597,7 @@ def run_pipeline(
                 "; ".join(changes),
             )
         logger.info("Pipeline %s is already finished; nothing to run", plan.name)
-        _warn_missing_artifacts(registered, artifact_dir, plan.name)
+        _check_finished_artifacts(storage, registered, artifact_dir, plan.name)
         return _final_outcome(storage, [plan.name])
     if data is None and registered is not None and Path(registered["data_path"]).exists():
         # a resumed pipeline keeps its jets, even when the data directory now has other generated jets
@@ -1682,10 +1682,16 @@ def _resumed_artifact_dir(
     return chosen
 
 
-def _warn_missing_artifacts(registered: Mapping[str, Any] | None, chosen: Path | None, pipeline: str) -> None:
-    """Log a warning when a finished pipeline's artifact directory is not on this machine."""
+def _check_finished_artifacts(
+    storage: optuna.storages.RDBStorage, registered: Mapping[str, Any] | None, chosen: Path | None, pipeline: str
+) -> None:
+    """Record the new path of a finished pipeline's moved artifact directory, or warn that it is missing."""
     before = registered.get("artifact_dir") if registered is not None else None
-    if not before or Path(before).is_dir() or (chosen is not None and Path(chosen).is_dir()):
+    if not before or Path(before).is_dir():
+        return
+    if chosen is not None and Path(chosen).is_dir():
+        stages.record_artifact_dir(storage, pipeline, str(chosen))
+        logger.info("Pipeline %s now keeps its artifacts in %s instead of %s", pipeline, chosen, before)
         return
     logger.warning(
         "Pipeline %s is finished, but its artifact directory %s does not exist here, so the checkpoints, "

@@ -660,6 +660,17 @@ def test_finished_run_finds_moved_artifacts(tmp_path, caplog):
     assert result.exit_code == 0, result.output
     assert "already finished; nothing to run" in caplog.text
     assert "does not exist here" not in caplog.text
+    assert f"Pipeline smoke now keeps its artifacts in {moved.resolve()}" in caplog.text
+
+    # the next run finds the moved folder without --artifacts
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hpo.workers"):
+        again = CliRunner().invoke(app, ["run", "--storage", url, "--data-dir", str(tmp_path)], env={"JETHPO_ARTIFACTS": ""})
+    assert again.exit_code == 0, again.output
+    assert "does not exist here" not in caplog.text
+    storage = open_storage(url)
+    assert registered_run(storage, "smoke")["artifact_dir"] == str(moved.resolve())
+    storage.engine.dispose()
 
 
 def test_retrain_needs_artifact_folder(tmp_path):
