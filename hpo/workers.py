@@ -801,7 +801,12 @@ def _shutdown_ray(local: bool, pool: WorkerPool | None = None) -> None:
 
 
 def _describe_resources(resources: Mapping[str, float]) -> str:
-    return f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
+    return f"{_count_of(resources.get('CPU', 0), 'CPU')}, {_count_of(resources.get('GPU', 0), 'GPU')}"
+
+
+def _count_of(number: float, noun: str) -> str:
+    """Return ``number`` and ``noun``, plural unless the number is 1: "1 worker", "0.5 GPUs"."""
+    return f"{number:g} {noun}" if number == 1 else f"{number:g} {noun}s"
 
 
 def default_worker_count(cluster: Mapping[str, float], trial: Resources) -> int:
@@ -952,11 +957,10 @@ def start_workers(
         ).remote(settings, list(pipelines), index, threads)
         workers.append((actor, actor.run.remote()))
     logger.info(
-        "Started %d workers with %g CPUs and %g GPUs each for pipelines %s",
-        count,
-        trial.cpus,
-        trial.gpus,
+        "Started %s for pipelines %s, each with %s",
+        _count_of(count, "worker"),
         ", ".join(pipelines),
+        _describe_resources({"CPU": trial.cpus, "GPU": trial.gpus}),
     )
     return WorkerPool(workers=workers, placement_group=group)
 

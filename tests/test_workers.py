@@ -1500,6 +1500,14 @@ def test_join_refused_address_fails_fast():
     assert f":{port}, where Ray looks for it (Connection refused)" in message
 
 
+def test_resources_read_as_counts():
+    from hpo.workers import _describe_resources
+
+    assert _describe_resources({"CPU": 1, "GPU": 0}) == "1 CPU, 0 GPUs"
+    assert _describe_resources({"CPU": 2.5, "GPU": 0.5}) == "2.5 CPUs, 0.5 GPUs"
+    assert _describe_resources({"CPU": 16, "GPU": 1}) == "16 CPUs, 1 GPU"
+
+
 def test_run_checks_address_first(tmp_path):
     from ray.util import get_node_ip_address
 
