@@ -124,9 +124,9 @@ def download_file(store: FileSystemArtifactStore, artifact_id: str, destination:
         partial.unlink(missing_ok=True)
         # NOTE: FileSystemArtifactStore has no public accessor for its directory
         base = Path(store._base_path)
-        empty = ", which is empty" if not base.is_dir() or not any(base.iterdir()) else ""
+        empty_note = ", which is empty" if not base.is_dir() or not any(base.iterdir()) else ""
         raise ArtifactError(
-            f"Artifact {artifact_id} is not in the artifact directory {str(base)!r}{empty}. Pass the folder "
+            f"Artifact {artifact_id} is not in the artifact directory {str(base)!r}{empty_note}. Pass the folder "
             f"that holds the pipeline's artifacts with --artifacts, and give every node and the dashboard the same one."
         ) from None
     os.replace(partial, destination)
