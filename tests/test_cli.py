@@ -462,19 +462,23 @@ def test_studies_empty_storage(sqlite_url):
     assert "No jethpo studies" in result.stdout
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        ["studies"],
-        ["best", "nf.search"],
-        ["results"],
-        ["retrain", "nf"],
-        ["generate", "--model", "nf", "--jets", "10", "--out", "sampled.h5"],
-        ["dashboard"],
-        ["spaces", "validate", "space.yaml"],
-    ],
-    ids=lambda command: command[0] if command[0] != "spaces" else "spaces-validate",
-)
+READ_ONLY_COMMANDS = [
+    ["studies"],
+    ["best", "nf.search"],
+    ["results"],
+    ["retrain", "nf"],
+    ["generate", "--model", "nf", "--jets", "10", "--out", "sampled.h5"],
+    ["dashboard"],
+    ["spaces", "validate", "space.yaml"],
+]
+"""Commands that read what a run stored, and must not create a storage."""
+
+
+def _command_id(command: list[str]) -> str:
+    return command[0] if command[0] != "spaces" else "spaces-validate"
+
+
+@pytest.mark.parametrize("command", READ_ONLY_COMMANDS, ids=_command_id)
 def test_mistyped_sqlite_path_creates_nothing(tmp_path, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
     copy_of_nf(tmp_path)
@@ -498,19 +502,7 @@ def _table_names(url: str) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        ["studies"],
-        ["best", "nf.search"],
-        ["results"],
-        ["retrain", "nf"],
-        ["generate", "--model", "nf", "--jets", "10", "--out", "sampled.h5"],
-        ["dashboard"],
-        ["spaces", "validate", "space.yaml"],
-    ],
-    ids=lambda command: command[0] if command[0] != "spaces" else "spaces-validate",
-)
+@pytest.mark.parametrize("command", READ_ONLY_COMMANDS, ids=_command_id)
 def test_empty_database_gets_no_tables(tmp_path, monkeypatch, fresh_postgres_url, command):
     monkeypatch.chdir(tmp_path)
     copy_of_nf(tmp_path)
