@@ -1294,11 +1294,14 @@ def dashboard_command(
     """
     import optuna_dashboard
 
+    from storage import parse_storage_url
     from storage.artifacts import open_artifact_store, resolve_artifact_dir
 
     url = _storage_url(storage, data_dir, create_data_dir=False)
     with _exit_on_user_errors(url):
-        rdb = _open_storage(url, must_exist=True)
+        # a SQLite file must exist, but like a worker, the dashboard may start on an empty
+        # PostgreSQL database before the first run, as docker-compose.yml starts it
+        rdb = _open_storage(url, must_exist=parse_storage_url(url).get_backend_name() == "sqlite")
         store = open_artifact_store(resolve_artifact_dir(artifacts, data_dir))
 
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -151,7 +151,11 @@ def open_storage(
             url, poolclass=NullPool, connect_args=engine_kwargs["connect_args"]
         )
         if must_exist and not _has_optuna_schema(probe):
-            raise StorageNotFoundError(_no_storage_message(parsed, masked))
+            raise StorageNotFoundError(
+                f"Failed to open storage {masked!r}: the database holds no jethpo storage. Check the "
+                f"database name in --storage or {STORAGE_ENV_VAR}, or start a search with 'jethpo run', "
+                f"which creates the storage."
+            )
         storage: optuna.storages.RDBStorage | None = None
         if not _schema_is_ready(probe):
             with schema_lock(probe):
@@ -369,17 +373,6 @@ def _optuna_schema_stamped(connection: sqlalchemy.Connection) -> bool:
         return False
     stamped = connection.execute(sqlalchemy.text(f"SELECT COUNT(*) FROM {_ALEMBIC_VERSION_TABLE}")).scalar_one()
     return stamped > 0
-
-
-def _no_storage_message(url: URL, masked: str) -> str:
-    hint = ""
-    if url.get_backend_name() == "postgresql" and not url.database:
-        hint = " The URL names no database, so the server's default database was opened."
-    return (
-        f"Failed to open storage {masked!r}: the database holds no jethpo storage.{hint} Check the "
-        f"database name in --storage or {STORAGE_ENV_VAR}, or start a search with 'jethpo run', "
-        f"which creates the storage."
-    )
 
 
 def _schema_is_ready(engine: sqlalchemy.Engine) -> bool:

@@ -165,7 +165,8 @@ def parse_storage_url(url: str) -> URL:
 
     Raises:
         StorageError: The URL cannot be parsed, its dialect is not PostgreSQL or SQLite,
-            or SQLAlchemy has no such driver for the dialect.
+            a PostgreSQL URL names no database, or SQLAlchemy has no such driver for the
+            dialect.
     """
     masked = mask_password(url)
     try:
@@ -183,6 +184,12 @@ def parse_storage_url(url: str) -> URL:
             f"Unsupported storage URL {masked!r}: dialect {dialect!r} is not one of "
             f"{', '.join(SUPPORTED_DIALECTS)}. Pass a postgresql:// or sqlite:// URL with "
             f"--storage or {STORAGE_ENV_VAR}."
+        )
+    if dialect == "postgresql" and not parsed.database and "dbname" not in parsed.query:
+        # libpq would open a default database, such as the server's "postgres"
+        raise StorageError(
+            f"Invalid storage URL {masked!r}: it names no database. Add the database name after "
+            f"the port, as in postgresql://user:password@host:5432/jethpo, with --storage or {STORAGE_ENV_VAR}."
         )
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername=POSTGRESQL_DRIVER)

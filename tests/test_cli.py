@@ -468,7 +468,6 @@ READ_ONLY_COMMANDS = [
     ["results"],
     ["retrain", "nf"],
     ["generate", "--model", "nf", "--jets", "10", "--out", "sampled.h5"],
-    ["dashboard"],
     ["spaces", "validate", "space.yaml"],
 ]
 """Commands that read what a run stored, and must not create a storage."""
@@ -478,7 +477,7 @@ def _command_id(command: list[str]) -> str:
     return command[0] if command[0] != "spaces" else "spaces-validate"
 
 
-@pytest.mark.parametrize("command", READ_ONLY_COMMANDS, ids=_command_id)
+@pytest.mark.parametrize("command", [*READ_ONLY_COMMANDS, ["dashboard"]], ids=_command_id)
 def test_mistyped_sqlite_path_creates_nothing(tmp_path, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
     copy_of_nf(tmp_path)
@@ -522,17 +521,6 @@ def test_spaces_list_on_empty_database(fresh_postgres_url):
     for name in builtin_spaces():
         assert name in result.stdout
     assert _table_names(fresh_postgres_url) == []
-
-
-def test_url_without_database_named():
-    import sqlalchemy
-
-    from storage.rdb import _no_storage_message
-
-    url = sqlalchemy.make_url("postgresql://postgres@127.0.0.1:5432")
-    message = _no_storage_message(url, "postgresql://postgres@127.0.0.1:5432")
-
-    assert "The URL names no database, so the server's default database was opened." in message
 
 
 @pytest.mark.parametrize(

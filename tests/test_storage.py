@@ -209,6 +209,8 @@ def test_unknown_role_is_storage_error(postgres_url):
         ("mysql://u:secret@h/db", "dialect 'mysql' is not one of postgresql, sqlite"),
         ("postgresql+nosuchdriver://u:secret@h/db", "no driver 'nosuchdriver'"),
         ("postgresql+pg8000://u:secret@h/db", "driver is not installed"),
+        ("postgresql://u:secret@127.0.0.1:5432", "it names no database. Add the database name after the port"),
+        ("postgresql://u:secret@127.0.0.1:5432/", "it names no database"),
     ],
 )
 def test_bad_url_is_storage_error(url, expected):
