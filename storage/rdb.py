@@ -152,7 +152,7 @@ def open_storage(
         )
         if must_exist and not _has_optuna_schema(probe):
             raise StorageNotFoundError(
-                f"Failed to open storage {masked!r}: the database holds no jethpo storage. Check the "
+                f"Failed to open storage {masked!r}: no jethpo storage found in the database. Check the "
                 f"database name in --storage or {STORAGE_ENV_VAR}, or start a search with 'jethpo run', "
                 f"which creates the storage."
             )

@@ -509,7 +509,7 @@ def test_empty_database_gets_no_tables(tmp_path, monkeypatch, fresh_postgres_url
     result = invoke(*command, "--storage", fresh_postgres_url)
 
     assert result.exit_code == 1, result.output
-    assert "the database holds no jethpo storage. Check the database name" in result.output
+    assert "no jethpo storage found in the database. Check the database name" in result.output
     assert "Traceback" not in result.output
     assert _table_names(fresh_postgres_url) == []
 

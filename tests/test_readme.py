@@ -268,4 +268,4 @@ def test_readme_postgres_setup_works(postgres_admin_url):
     assert listed.returncode == 0, listed.stderr
     assert "convae-gen" in listed.stdout
     assert studies.returncode == 1
-    assert f"'postgresql://postgres@127.0.0.1:5432/{name}': the database holds no jethpo storage" in studies.stderr
+    assert f"'postgresql://postgres@127.0.0.1:5432/{name}': no jethpo storage found in the database" in studies.stderr
