@@ -1700,7 +1700,7 @@ def _check_finished_artifacts(
     logger.warning(
         "Pipeline %s is finished, but its artifact directory %s does not exist here, so the checkpoints, "
         "plots and tables of its results are missing. Mount the folder at that path, or pass its new path "
-        "with --artifacts to the commands that read artifacts.",
+        "to 'jethpo run --artifacts', which records it.",
         pipeline,
         before,
     )
