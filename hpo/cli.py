@@ -1299,8 +1299,8 @@ def dashboard_command(
 
     url = _storage_url(storage, data_dir, create_data_dir=False)
     with _exit_on_user_errors(url):
-        # a SQLite file must exist, but like a worker, the dashboard may start on an empty
-        # PostgreSQL database before the first run, as docker-compose.yml starts it
+        # A SQLite file must exist. On PostgreSQL the dashboard creates the storage, as a worker
+        # does, because docker-compose.yml starts it before the first run.
         rdb = _open_storage(url, must_exist=parse_storage_url(url).get_backend_name() == "sqlite")
         store = open_artifact_store(resolve_artifact_dir(artifacts, data_dir))
 

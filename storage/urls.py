@@ -186,7 +186,7 @@ def parse_storage_url(url: str) -> URL:
             f"--storage or {STORAGE_ENV_VAR}."
         )
     if dialect == "postgresql" and not parsed.database and "dbname" not in parsed.query:
-        # libpq would open a default database, such as the server's "postgres"
+        # libpq would open the database named after the user, for user postgres the server's own
         raise StorageError(
             f"Invalid storage URL {masked!r}: it names no database. Add the database name after "
             f"the port, as in postgresql://user:password@host:5432/jethpo, with --storage or {STORAGE_ENV_VAR}."

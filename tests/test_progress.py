@@ -570,14 +570,19 @@ def test_table_with_steps_fits_80_columns():
 # log
 
 
-def test_summary_logs_step_state(caplog):
-    progress = PipelineProgress(
+def retraining_progress(estimate_s: float, running_s: float) -> PipelineProgress:
+    """Return the progress of a pipeline whose search is done and whose retraining runs."""
+    return PipelineProgress(
         stages=(
             StageProgress("toy-nf.only", "toy", StageState.DONE, 2, StageCounts(complete=2), 1.0, 0, 40.0),
-            step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=600.0, running_s=250.0),
+            step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=estimate_s, running_s=running_s),
         ),
         workers=1,
     )
+
+
+def test_summary_logs_step_state(caplog):
+    progress = retraining_progress(estimate_s=600.0, running_s=250.0)
 
     with caplog.at_level(logging.INFO, logger="hpo.progress"):
         PipelineMonitor(log_trials=False).summarize(progress)
@@ -588,13 +593,7 @@ def test_summary_logs_step_state(caplog):
 
 
 def test_summary_logs_step_past_estimate(caplog):
-    progress = PipelineProgress(
-        stages=(
-            StageProgress("toy-nf.only", "toy", StageState.DONE, 2, StageCounts(complete=2), 1.0, 0, 40.0),
-            step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=114.0, running_s=125.0),
-        ),
-        workers=1,
-    )
+    progress = retraining_progress(estimate_s=114.0, running_s=125.0)
 
     with caplog.at_level(logging.INFO, logger="hpo.progress"):
         PipelineMonitor(log_trials=False).summarize(progress)
@@ -708,13 +707,7 @@ def test_failed_step_logged_with_error(caplog):
 
 
 def test_summary_names_takeover_time(caplog):
-    progress = PipelineProgress(
-        stages=(
-            StageProgress("toy-nf.only", "toy", StageState.DONE, 2, StageCounts(complete=2), 1.0, 0, 40.0),
-            step_progress("retrain:toy-nf", StageState.RUNNING, estimate_s=600.0, running_s=24.0),
-        ),
-        workers=1,
-    )
+    progress = retraining_progress(estimate_s=600.0, running_s=24.0)
 
     with caplog.at_level(logging.INFO, logger="hpo.progress"):
         PipelineMonitor(log_trials=False, grace_period_s=120).summarize(progress)
