@@ -1423,7 +1423,8 @@ def test_worker_command_joins_registered_pipeline(ray_cluster, ray_env, fresh_po
     space_path = tmp_path / "tiny-nf.yaml"
     space_path.write_text(TINY_SPACE)
     profile_path = tmp_path / "tiny.yaml"
-    profile_path.write_text(TINY_PROFILE.replace("epochs: 150", "epochs: 60"))
+    # enough trials that the joining worker, which starts a few seconds later, still finds some
+    profile_path.write_text(TINY_PROFILE.replace("n_trials: 3, epochs: 150", "n_trials: 6, epochs: 60"))
     storage = reader(fresh_postgres_url)
     add_space(storage, space_path)
     storage.engine.dispose()
@@ -1441,7 +1442,7 @@ def test_worker_command_joins_registered_pipeline(ray_cluster, ray_env, fresh_po
     assert controller_code == 0, controller.output
     assert worker_code == 0, worker.output
     assert "Working on pipelines tiny" in worker.output
-    trials = assert_budgets_used_exactly(fresh_postgres_url, {"tiny-nf.first": 3, "tiny-nf.second": 3})
+    trials = assert_budgets_used_exactly(fresh_postgres_url, {"tiny-nf.first": 6, "tiny-nf.second": 6})
     pids = {trial.user_attrs["pid"] for study in trials.values() for trial in study}
     assert len(pids) == 2
 
